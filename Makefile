@@ -1,0 +1,247 @@
+# libcoalesce - GNU make.
+#
+#   make            shared + static library + pkg-config file
+#   make demo       build and run the demo (installs missing Debian packages)
+#   make check      tests, export check, core/uv check, examples
+#   make bench      benchmarks, printed as "BENCH <name> <median> <unit>"
+#   make asan ubsan tsan valgrind     the test suite under each tool
+#   make install / uninstall          honour DESTDIR, PREFIX, LIBDIR, ...
+
+VERSION_H := include/coalesce/version.h
+vpart = $(shell sed -n 's/^\#define COALESCE_VERSION_$(1) \([0-9][0-9]*\).*/\1/p' $(VERSION_H))
+MAJOR := $(call vpart,MAJOR)
+MINOR := $(call vpart,MINOR)
+PATCH := $(call vpart,PATCH)
+VERSION := $(MAJOR).$(MINOR).$(PATCH)
+
+PREFIX ?= /usr/local
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+MANDIR ?= $(PREFIX)/share/man
+AR ?= ar
+LD ?= ld
+OBJCOPY ?= objcopy
+INSTALL ?= install
+CFLAGS ?= -O2 -g
+WERROR ?= 1
+BUILD ?= build
+# Sanitizer flags, set by the asan/ubsan/tsan targets.
+SAN ?=
+
+ifneq ($(V),1)
+Q := @
+endif
+
+WARN := -Wall -Wextra -pedantic -Wstrict-prototypes -Wmissing-prototypes \
+	-Wold-style-definition -Wshadow -Wwrite-strings -Wpointer-arith \
+	-Wformat=2 -Wundef -Wvla -Wcast-align
+ifeq ($(WERROR),1)
+WARN += -Werror
+endif
+# The project's own flags come first and cannot be removed by CFLAGS.
+COALESCE_CFLAGS := -std=c11 -fPIC -fvisibility=hidden $(WARN) -Iinclude -Ilib
+ALL_CFLAGS = $(COALESCE_CFLAGS) $(CPPFLAGS) $(CFLAGS) $(SAN)
+LIBS := -lpthread
+
+SRCS := lib/common.c lib/buf.c lib/flight.c
+OBJS := $(SRCS:lib/%.c=$(BUILD)/obj/%.o)
+HDRS := $(wildcard include/*.h include/coalesce/*.h lib/*.h)
+
+SONAME := libcoalesce.so.$(MAJOR)
+SHLIB := $(BUILD)/libcoalesce.so.$(VERSION)
+STLIB := $(BUILD)/libcoalesce.a
+PC := $(BUILD)/libcoalesce.pc
+PC_DEV := $(BUILD)/uninstalled/libcoalesce.pc
+
+TEST_SRCS := $(wildcard test/check_*.c) test/helpers.c
+TEST_BIN := $(BUILD)/test/check_coalesce
+BENCH_SRCS := $(wildcard test/bench/*.c)
+BENCH_BINS := $(BENCH_SRCS:test/bench/%.c=$(BUILD)/bench/%)
+EXAMPLE_SRCS := $(wildcard examples/*.c)
+EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
+
+# Debian packages each job needs; test/deps.sh installs the missing ones.
+DEPS_BUILD := gcc libc6-dev make pkgconf libxxhash-dev libuv1-dev
+DEPS_TEST := $(DEPS_BUILD) check binutils
+NEED = sh test/deps.sh
+
+.PHONY: all shared static pc check test-run check-exports check-core-no-uv \
+	check-cxx examples demo bench install uninstall clean asan ubsan tsan \
+	valgrind format format-check docs deps-build deps-test deps-valgrind \
+	FORCE
+
+all: shared static pc
+
+deps-build:
+	$(Q)$(NEED) $(DEPS_BUILD)
+deps-test:
+	$(Q)$(NEED) $(DEPS_TEST)
+deps-valgrind:
+	$(Q)$(NEED) $(DEPS_TEST) valgrind
+
+shared: $(SHLIB)
+static: $(STLIB)
+pc: $(PC) $(PC_DEV)
+
+$(BUILD)/obj/%.o: lib/%.c $(HDRS) | deps-build
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $<")
+	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(SHLIB): $(OBJS) lib/libcoalesce.map
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) -shared -Wl,-soname,$(SONAME) \
+		-Wl,--version-script=lib/libcoalesce.map -Wl,--no-undefined \
+		$(CFLAGS) $(SAN) $(LDFLAGS) -o $@ $(OBJS) $(LIBS) $(LDLIBS)
+	$(Q)ln -sf $(notdir $@) $(BUILD)/$(SONAME)
+	$(Q)ln -sf $(SONAME) $(BUILD)/libcoalesce.so
+
+# One relocatable object with hidden symbols made local, so that the archive
+# exports exactly what the shared library does.
+$(STLIB): $(OBJS)
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)$(LD) -r -o $(BUILD)/coalesce_all.o $(OBJS)
+	$(Q)$(OBJCOPY) --localize-hidden $(BUILD)/coalesce_all.o
+	$(Q)rm -f $@ && $(AR) rcs $@ $(BUILD)/coalesce_all.o
+
+# The .pc file is regenerated when the install paths change.
+$(BUILD)/paths.stamp: FORCE
+	@mkdir -p $(@D)
+	@echo "$(PREFIX)|$(LIBDIR)|$(INCLUDEDIR)|$(VERSION)" | cmp -s - $@ 2>/dev/null || \
+		echo "$(PREFIX)|$(LIBDIR)|$(INCLUDEDIR)|$(VERSION)" > $@
+
+$(PC): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
+	$(Q)sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
+		-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+
+# A .pc file pointing into this tree, for the examples and the smoke test.
+$(PC_DEV): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
+	@mkdir -p $(@D)
+	$(Q)sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/$(BUILD)|' \
+		-e 's|@INCLUDEDIR@|$(CURDIR)/include|' -e 's|@VERSION@|$(VERSION)|' $< > $@
+
+# --- Tests -------------------------------------------------------------------
+
+$(TEST_BIN): $(TEST_SRCS) test/helpers.h $(STLIB) $(HDRS) | deps-test
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes $$(pkg-config --cflags check) \
+		-Itest -o $@ $(TEST_SRCS) $(STLIB) $$(pkg-config --libs check) \
+		$(LIBS) $(LDFLAGS) $(LDLIBS)
+
+test-run: $(TEST_BIN)
+	$(Q)$(TEST_BIN)
+
+check: deps-test all test-run check-exports check-core-no-uv check-cxx examples
+	@echo "check: all passed"
+
+# The exported dynamic symbols must be exactly the functions include/ declares.
+check-exports: $(SHLIB)
+	$(Q)grep -h 'COALESCE_API' include/coalesce/*.h | grep -v '^#' | \
+		sed -E 's/^[^(]*[ *]([A-Za-z_][A-Za-z_0-9]*)\(.*/\1/' | sort -u \
+		> $(BUILD)/exports.declared
+	$(Q)nm -D --defined-only $(SHLIB) | awk '$$2 ~ /^[TDBR]$$/ {print $$3}' | \
+		sed 's/@.*//' | grep -v '^COALESCE_0$$' | sort -u > $(BUILD)/exports.actual
+	$(Q)if ! diff -u $(BUILD)/exports.declared $(BUILD)/exports.actual; then \
+		echo "check-exports: exported symbols differ from include/"; exit 1; fi
+	@echo "check-exports: $$(wc -l < $(BUILD)/exports.actual) symbols, as declared"
+
+# The core never includes <uv.h>; only the libuv adapter may.
+check-core-no-uv:
+	$(Q)if grep -l '#include <uv.h>' lib/*.c lib/*.h include/coalesce.h \
+		include/coalesce/*.h | grep -v -e 'uv_adapter.c' -e 'coalesce/uv.h'; \
+		then echo "check-core-no-uv: core file includes <uv.h>"; exit 1; fi
+
+# Public headers must compile as C++ too.
+check-cxx:
+	$(Q)echo '#include <coalesce.h>' | $(CXX) -x c++ -std=c++11 -Wall -Wextra \
+		-Werror -pedantic -Iinclude -fsyntax-only -
+	@echo "check-cxx: headers compile as C++"
+
+# Examples build through pkg-config against the library just built.
+$(BUILD)/examples/%: examples/%.c $(SHLIB) $(PC_DEV) $(HDRS)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) -std=c11 $(WARN) $(CFLAGS) $(SAN) \
+		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --cflags libcoalesce) \
+		-o $@ $< -Wl,-rpath,$(CURDIR)/$(BUILD) \
+		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs libcoalesce) -lpthread
+
+examples: $(EXAMPLE_BINS)
+
+demo: deps-test $(BUILD)/examples/threads
+	$(Q)$(BUILD)/examples/threads
+
+# --- Benchmarks ----------------------------------------------------------------
+
+$(BUILD)/bench/%: test/bench/%.c $(STLIB) $(HDRS)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -o $@ $< $(STLIB) $(LIBS) \
+		$(LDFLAGS) $(LDLIBS)
+
+bench: deps-build $(BENCH_BINS)
+	$(Q)for b in $(BENCH_BINS); do $$b || exit 1; done
+
+# --- Sanitizers and valgrind ---------------------------------------------------
+
+SANFLAGS_COMMON := -g -fno-omit-frame-pointer
+asan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/asan CFLAGS="-O1" \
+		SAN="$(SANFLAGS_COMMON) -fsanitize=address" test-run
+ubsan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/ubsan CFLAGS="-O1" \
+		SAN="$(SANFLAGS_COMMON) -fsanitize=undefined -fno-sanitize-recover=all" test-run
+tsan:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS="-O1" \
+		SAN="$(SANFLAGS_COMMON) -fsanitize=thread" test-run
+valgrind: deps-valgrind $(TEST_BIN)
+	$(Q)CK_FORK=no CK_VALGRIND=1 valgrind -q --leak-check=full \
+		--errors-for-leak-kinds=definite,indirect --error-exitcode=1 $(TEST_BIN)
+
+# --- Install -------------------------------------------------------------------
+
+# install builds nothing: run "make" first (so "sudo make install" never
+# compiles as root).
+install:
+	@for f in $(SHLIB) $(STLIB) $(PC); do test -f $$f || \
+		{ echo "install: $$f is missing; run 'make' first"; exit 1; }; done
+	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR)/coalesce \
+		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(MANDIR)/man3
+	$(INSTALL) -m 0644 include/coalesce.h $(DESTDIR)$(INCLUDEDIR)/
+	$(INSTALL) -m 0644 include/coalesce/*.h $(DESTDIR)$(INCLUDEDIR)/coalesce/
+	$(INSTALL) -m 0755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf libcoalesce.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce.so
+	$(INSTALL) -m 0644 $(STLIB) $(DESTDIR)$(LIBDIR)/
+	$(INSTALL) -m 0644 $(PC) $(DESTDIR)$(PKGCONFIGDIR)/
+	$(INSTALL) -m 0644 lib/libcoalesce.3 $(DESTDIR)$(MANDIR)/man3/
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/coalesce.h
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/coalesce/,$(notdir $(wildcard include/coalesce/*.h)))
+	-rmdir $(DESTDIR)$(INCLUDEDIR)/coalesce 2>/dev/null
+	rm -f $(DESTDIR)$(LIBDIR)/libcoalesce.so.$(VERSION) \
+		$(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce.so \
+		$(DESTDIR)$(LIBDIR)/libcoalesce.a $(DESTDIR)$(PKGCONFIGDIR)/libcoalesce.pc \
+		$(DESTDIR)$(MANDIR)/man3/libcoalesce.3
+
+# --- Housekeeping ----------------------------------------------------------------
+
+FORMAT_FILES = $(wildcard include/*.h include/coalesce/*.h lib/*.[ch] \
+	test/*.[ch] test/bench/*.c examples/*.c)
+format:
+	clang-format -i $(FORMAT_FILES)
+format-check:
+	$(Q)clang-format --dry-run --Werror $(FORMAT_FILES)
+
+docs:
+	@if command -v doxygen >/dev/null; then doxygen -g - >/dev/null; \
+		echo "docs: doxygen found but no Doxyfile yet; skipped"; \
+		else echo "docs: doxygen not installed; skipped"; fi
+
+clean:
+	rm -rf build
+
+FORCE:

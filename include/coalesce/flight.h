@@ -1,0 +1,418 @@
+/*
+ * Flight groups: collapsed forwarding with streaming, zero-copy fan-out.
+ *
+ * Concurrent flight_do() calls for the same key share one upstream fetch.
+ * The first caller is the leader: its fetch callback runs once and produces
+ * one stream through a writer: an optional meta blob (opaque to the library;
+ * hosts put the status line and headers there), body bytes, then an end
+ * status. The stream is stored once, as an append-only chain of immutable,
+ * reference-counted segments. Every caller, leader included, gets its own
+ * reader: a cursor into that chain.
+ *
+ * Guarantees
+ *  - No reader waits for another reader and the writer never waits for a
+ *    reader. A slow reader only holds on to segments; a reader more than
+ *    max_lag bytes behind the writer is detached with FLIGHT_ELAGGED and keeps
+ *    the offset it reached, so the host can resume that client elsewhere
+ *    (for instance with a range request).
+ *  - A reader that closes drops its cursor and nothing else; the fetch goes
+ *    on for the others. When the last reader has gone the writer can tell
+ *    (flight_writer_readers()), and with FLIGHT_ORPHAN_CANCEL its next write
+ *    fails with FLIGHT_ECANCELED so the host can stop the upstream.
+ *  - A flight is joinable for its whole life, headers and body, as long as
+ *    its first byte is still held (retain_limit): a late joiner reads from
+ *    byte 0. After the end, or once byte 0 has been let go, the key is free
+ *    and the next caller starts a new flight. The group is not a cache.
+ *  - The end status reaches every reader exactly once, after every byte that
+ *    was written before it: once a reader has returned its end status
+ *    (COALESCE_EOF or an error), it returns the same status again on every
+ *    later call and never any further bytes.
+ *  - Nobody hangs: a fetch callback that fails, or a writer released without
+ *    flight_end(), ends the flight with an error for every reader.
+ *  - No artificial delay: a leader without waiters pays for a hash lookup and
+ *    two short critical sections, nothing more.
+ *
+ * Memory bound. A flight holds at most max(max_lag, retain_limit) bytes plus
+ * the segment being written, with one exception: while the leader's fetch
+ * callback runs synchronously on the leader's thread, the leader's own reader
+ * cannot read, so it is not detached for that lag and the flight holds what
+ * the callback wrote. Hosts producing large bodies should write them from
+ * another thread or after returning FLIGHT_FETCH_ASYNC (the usual case with
+ * an event loop), where max_lag applies to every reader.
+ *
+ * Keys are bytes chosen by the host (NUL bytes allowed, 1 byte to 1 MiB).
+ * Put into the key everything that changes the response's shape: method
+ * class, variant (Vary) values, and so on. A HEAD and a GET are not the same
+ * flight unless the host says so.
+ *
+ * Lifecycle
+ *   flight_group_new() -> flight_do() from any threads -> readers read and
+ *   flight_reader_close(); writers flight_end() -> flight_group_close().
+ *   The group is freed when it is closed and its last flight is gone.
+ *
+ * Thread safety: a flight_group_t is thread-safe; locks are internal, sharded
+ * by key hash, and never held while a user callback runs. A flight_reader_t
+ * and a flight_writer_t belong to one thread at a time; they may be handed
+ * from thread to thread.
+ */
+#ifndef COALESCE_FLIGHT_H
+#define COALESCE_FLIGHT_H
+
+#include "buf.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct flight_group flight_group_t;
+typedef struct flight_reader flight_reader_t;
+typedef struct flight_writer flight_writer_t;
+
+/** The reader fell more than max_lag bytes behind; see flight_reader_offset. */
+#define FLIGHT_ELAGGED COALESCE_ELAGGED
+/** A waiter's deadline (wait_timeout_ms) passed before the meta arrived. */
+#define FLIGHT_ETIMEDOUT COALESCE_ETIMEDOUT
+/** Every reader has gone and the group's orphan policy is CANCEL. */
+#define FLIGHT_ECANCELED COALESCE_ECANCELED
+
+/** For max_lag and retain_limit: no limit. */
+#define FLIGHT_UNLIMITED UINT64_MAX
+
+/** What the fetch callback did with its writer (besides negative codes). */
+typedef enum flight_fetch_result {
+    /** The callback is done with the writer; the library releases it. */
+    FLIGHT_FETCH_DONE = 0,
+    /** The callback keeps the writer and will call flight_end() and
+     *  flight_writer_release() later, from any thread. */
+    FLIGHT_FETCH_ASYNC = 1
+} flight_fetch_result_t;
+
+/** What happens when the last reader leaves before the end. */
+typedef enum flight_orphan_policy {
+    /** Writes go on succeeding (background fill); flight_writer_readers()
+     *  returns 0 so the host can decide. */
+    FLIGHT_ORPHAN_CONTINUE = 0,
+    /** The flight ends with FLIGHT_ECANCELED and the next write returns it. */
+    FLIGHT_ORPHAN_CANCEL = 1
+} flight_orphan_policy_t;
+
+/**
+ * @brief The leader's fetch.
+ *
+ * Runs once per flight, on the leader's thread, inside flight_do(), with no
+ * library lock held. It may produce the whole stream there (blocking I/O)
+ * and return FLIGHT_FETCH_DONE, or start the work and return
+ * FLIGHT_FETCH_ASYNC and feed the writer later from any thread.
+ *
+ * @param[in] w Borrowed writer; valid until flight_writer_release(), which
+ *            the library calls itself unless the callback returned
+ *            FLIGHT_FETCH_ASYNC.
+ * @param[in] data The pointer given to flight_do().
+ * @return FLIGHT_FETCH_DONE, FLIGHT_FETCH_ASYNC, or a negative code: if the
+ *         stream was not ended yet, the flight ends with that code for every
+ *         reader, and the writer is released.
+ */
+typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
+
+/**
+ * @brief One-shot readiness notification, armed by flight_reader_notify().
+ *
+ * Runs on whichever thread made the reader ready (usually the writer's), with
+ * no library lock held. It must not block and must not call reader functions
+ * on @p r: signal the reader's owner (uv_async_send(), a condition variable,
+ * an eventfd) and return.
+ */
+typedef void (*flight_notify_cb)(flight_reader_t *r, void *data);
+
+/** Group options. Initialise with flight_opts_init(), then change fields. */
+typedef struct flight_opts {
+    size_t size; /**< sizeof(flight_opts_t), set by flight_opts_init(). */
+    /** Bytes a reader may fall behind the writer before it is detached
+     *  with FLIGHT_ELAGGED. Default 64 MiB; FLIGHT_UNLIMITED for none. */
+    uint64_t max_lag;
+    /** Bytes of the body prefix kept so that late joiners can read from
+     *  byte 0; past it the flight is no longer joinable. Default 16 MiB,
+     *  never more than max_lag (clamped). */
+    uint64_t retain_limit;
+    /** A waiter that has no meta this many milliseconds after joining is
+     *  detached with FLIGHT_ETIMEDOUT. 0 (default) means no deadline. */
+    uint32_t wait_timeout_ms;
+    /** Number of lock shards, rounded up to a power of two. Default 64. */
+    uint32_t shards;
+    /** A flight_orphan_policy_t. Default FLIGHT_ORPHAN_CONTINUE. */
+    int orphan_policy;
+} flight_opts_t;
+
+/** Per-group counters, as returned by flight_group_stats(). */
+typedef struct flight_stats {
+    uint64_t flights_started; /**< Fetch callbacks run. */
+    uint64_t joins;           /**< flight_do() calls that joined a flight. */
+    uint64_t timeouts;        /**< Waiters detached by wait_timeout_ms. */
+    uint64_t errors;          /**< Flights that ended with an error. */
+    uint64_t lagged;          /**< Readers detached by max_lag. */
+    uint64_t bytes_written;   /**< Body bytes accepted from writers. */
+    uint64_t bytes_delivered; /**< Body bytes consumed by readers. */
+    uint64_t flights_active;  /**< Flights not yet ended (gauge). */
+    uint64_t readers_open;    /**< Readers not yet closed (gauge). */
+    uint64_t segments_held;   /**< Segments alive in all flights (gauge). */
+    uint64_t bytes_held;      /**< Body bytes in those segments (gauge). */
+    uint64_t orphaned;        /**< Flights whose last reader left early. */
+} flight_stats_t;
+
+/**
+ * @brief Fill @p opts with the defaults and set opts->size.
+ * Thread safety: yes. @since 0.1
+ */
+COALESCE_API void flight_opts_init(flight_opts_t *opts);
+
+/**
+ * @brief Create a flight group.
+ * @param[out] out New group on success; untouched on failure.
+ * @param[in] opts Copied; NULL for the defaults. opts->size must be set
+ *            (flight_opts_init() does it).
+ * @return 0; COALESCE_EINVAL (NULL @p out, bad size or policy);
+ *         COALESCE_ENOMEM; COALESCE_EIO if no random seed could be read.
+ * Thread safety: yes. @since 0.1
+ */
+COALESCE_API int flight_group_new(flight_group_t **out,
+                                  const flight_opts_t *opts);
+
+/**
+ * @brief Close a group: later flight_do() calls return COALESCE_ECLOSING.
+ *
+ * Flights in progress are not disturbed: their readers and writers stay
+ * valid and must still be closed and released. The group's memory is freed
+ * when the last of them is gone. NULL is a no-op. Closing twice is a usage
+ * error (the group may already be freed).
+ * Thread safety: yes, but no other call may use @p g after this one.
+ * @since 0.1
+ */
+COALESCE_API void flight_group_close(flight_group_t *g);
+
+/** @brief Attach a user pointer (never read by the library). @since 0.1 */
+COALESCE_API void flight_group_set_data(flight_group_t *g, void *data);
+/** @brief The user pointer, or NULL. Thread safety: yes. @since 0.1 */
+COALESCE_API void *flight_group_get_data(const flight_group_t *g);
+
+/**
+ * @brief Read the group's counters.
+ * @param[out] out Filled with min(@p size, sizeof(flight_stats_t)) bytes.
+ * @param[in] size sizeof(*out) as the caller compiled it.
+ * @return 0; COALESCE_EINVAL for NULL arguments.
+ * Thread safety: yes; each shard is read consistently, the sum is not a
+ * single snapshot under concurrent traffic. @since 0.1
+ */
+COALESCE_API int
+flight_group_stats(flight_group_t *g, flight_stats_t *out, size_t size);
+
+/**
+ * @brief Join the flight for @p key, or start one as its leader.
+ *
+ * If a flight for the key is in progress and still holds its first byte,
+ * the caller joins it. Otherwise the caller becomes the leader: @p fetch
+ * runs once, on this thread, before flight_do() returns. Either way the
+ * caller gets a reader positioned at byte 0. A failing fetch is reported
+ * through the readers (leader's included), not through this return value.
+ *
+ * @param[in] g The group.
+ * @param[in] key Copied; 1 byte to 1 MiB of arbitrary bytes.
+ * @param[in] fetch Called only if this caller leads; not NULL.
+ * @param[in] data Passed to @p fetch; borrowed.
+ * @param[out] out New reader on success, to be closed with
+ *             flight_reader_close(); untouched on failure.
+ * @return 0; COALESCE_EINVAL (NULL argument, bad key length);
+ *         COALESCE_ECLOSING (group closed); COALESCE_ENOMEM.
+ * Callback: on an error return @p fetch was not called.
+ * Thread safety: yes. @since 0.1
+ */
+COALESCE_API int flight_do(flight_group_t *g,
+                           const void *key,
+                           size_t keylen,
+                           flight_fetch_cb fetch,
+                           void *data,
+                           flight_reader_t **out);
+
+/* --- Writer (the leader's side) ----------------------------------------- */
+
+/**
+ * @brief Set the meta blob (status line, headers...), once, before the body.
+ *
+ * Waiters' flight_meta() calls return as soon as this is set (or the first
+ * body byte or the end arrives). Joiners' wait_timeout_ms stops applying.
+ * @param[in] meta Copied; may be NULL when @p len is 0.
+ * @return 0; COALESCE_EINVAL (NULL writer, meta already set, body already
+ *         started, stream ended); FLIGHT_ECANCELED (orphaned, CANCEL policy);
+ *         COALESCE_ENOMEM (nothing changed).
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API int
+flight_set_meta(flight_writer_t *w, const void *meta, size_t len);
+
+/**
+ * @brief Append body bytes, copying them. Never waits for readers.
+ * @param[in] data Copied.
+ * @return 0 (a 0-byte write is a no-op); COALESCE_EINVAL (NULL arguments,
+ *         stream ended); FLIGHT_ECANCELED (orphaned, CANCEL policy);
+ *         COALESCE_ENOMEM (nothing was appended; the writer may retry).
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API int flight_write(flight_writer_t *w, const void *data, size_t len);
+
+/**
+ * @brief Append [off, off + len) of @p buf without copying.
+ *
+ * The buffer becomes published (immutable) and the flight takes its own
+ * reference; the caller keeps its reference and must still drop it.
+ * @param[in] buf Borrowed (the library takes a reference).
+ * @return As flight_write(); COALESCE_EINVAL also if the slice is outside
+ *         the buffer.
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API int flight_write_buf(flight_writer_t *w,
+                                  coalesce_buf_t *buf,
+                                  size_t off,
+                                  size_t len);
+
+/**
+ * @brief End the stream: 0 for a complete body, a negative code for a failed
+ *        one. Readers get it after every byte written before it.
+ *
+ * The key becomes free at once: the next flight_do() starts a new flight.
+ * The writer stays valid (later writes return COALESCE_EINVAL) until it is
+ * released.
+ * @return 0; COALESCE_EINVAL (NULL writer, positive status, already ended);
+ *         FLIGHT_ECANCELED if the flight had already been canceled (the
+ *         readers got that).
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API int flight_end(flight_writer_t *w, int status);
+
+/**
+ * @brief Number of readers still open on the writer's flight (0: orphaned).
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API unsigned flight_writer_readers(flight_writer_t *w);
+
+/**
+ * @brief Release a writer kept with FLIGHT_FETCH_ASYNC.
+ *
+ * If the stream was not ended, it ends with COALESCE_EUPSTREAM for every
+ * reader: a forgotten writer never leaves anyone hanging. @p w must not be
+ * used afterwards. NULL is a no-op.
+ * Thread safety: writer's owner thread. @since 0.1
+ */
+COALESCE_API void flight_writer_release(flight_writer_t *w);
+
+/* --- Reader (every caller's side) --------------------------------------- */
+
+/*
+ * Timeouts of reader calls: timeout_ms < 0 waits as long as it takes, 0 never
+ * waits, > 0 waits at most that long. When the wait ends with nothing to
+ * return the call returns COALESCE_EAGAIN and the reader is unchanged.
+ * A waiter's deadline (wait_timeout_ms) is separate: it detaches the reader
+ * with FLIGHT_ETIMEDOUT, for good.
+ */
+
+/**
+ * @brief Wait until the meta is known.
+ * @param[out] meta Borrowed, valid until the reader is closed; NULL when the
+ *             writer set none. May be NULL if not wanted.
+ * @param[out] len Its length; may be NULL.
+ * @return 0; COALESCE_EAGAIN (timeout); the flight's error if it ended with
+ *         one before the meta stage; FLIGHT_ETIMEDOUT; FLIGHT_ELAGGED;
+ *         COALESCE_EINVAL for a NULL reader.
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int
+flight_meta(flight_reader_t *r, int timeout_ms, const void **meta, size_t *len);
+
+/**
+ * @brief Copy up to @p cap bytes from the reader's position.
+ * @param[out] nread Bytes copied (> 0 when 0 is returned).
+ * @return 0; COALESCE_EOF at the clean end; the flight's error status;
+ *         FLIGHT_ELAGGED; FLIGHT_ETIMEDOUT; COALESCE_EAGAIN (timeout);
+ *         COALESCE_EINVAL (NULL argument, @p cap 0).
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int flight_read(
+    flight_reader_t *r, void *buf, size_t cap, int timeout_ms, size_t *nread);
+
+/**
+ * @brief Borrow the next bytes without copying (zero-copy read).
+ *
+ * Returns the rest of the current segment. Nothing moves until
+ * flight_consume().
+ * @param[out] data Borrowed, valid until the next consume, read or close on
+ *             this reader; take a reference on @p owner to keep it longer.
+ * @param[out] len Bytes at @p data (> 0 when 0 is returned).
+ * @param[out] owner The buffer holding them (borrowed); may be NULL.
+ * @return As flight_read().
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int flight_peek(flight_reader_t *r,
+                             int timeout_ms,
+                             const void **data,
+                             size_t *len,
+                             coalesce_buf_t **owner);
+
+/**
+ * @brief Advance past @p n bytes returned by the last flight_peek().
+ * @return 0; COALESCE_EINVAL if @p n is more than that peek returned;
+ *         the reader's terminal status if it was detached meanwhile (the
+ *         peeked bytes stay valid until the next call).
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int flight_consume(flight_reader_t *r, size_t n);
+
+/**
+ * @brief Arm a one-shot callback for when the reader has something new.
+ *
+ * "Something new" is bytes past the reader's position, the meta, the end
+ * status or a detach. The callback fires once and is disarmed; arm it again
+ * after reading. Arming replaces a previous arming.
+ * @return 0 when armed; 1 if the reader is ready now (nothing armed: read
+ *         again); COALESCE_EINVAL (NULL reader or callback).
+ * Callback: at most once per successful arming; never after
+ *         flight_reader_close() has returned.
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int
+flight_reader_notify(flight_reader_t *r, flight_notify_cb cb, void *data);
+
+/**
+ * @brief Milliseconds left before the waiter's deadline, for hosts that arm
+ *        their own timer; -1 when there is no pending deadline (none set,
+ *        leader, or meta already known). Checking happens in reader calls.
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int64_t flight_reader_deadline_ms(flight_reader_t *r);
+
+/**
+ * @brief Body offset the reader has consumed up to. After FLIGHT_ELAGGED it
+ *        is where a resumed (range) request should start. 0 for NULL.
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API uint64_t flight_reader_offset(const flight_reader_t *r);
+
+/**
+ * @brief 1 if this reader joined a flight another caller leads, 0 for the
+ *        leader (or NULL).
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API int flight_reader_shared(const flight_reader_t *r);
+
+/**
+ * @brief Close a reader at any point: its cursor and its references go, the
+ *        flight goes on for the others. NULL is a no-op.
+ *
+ * If a notify callback is running on another thread, waits for it to return.
+ * Closing twice is a usage error (the reader is freed).
+ * Thread safety: reader's owner thread. @since 0.1
+ */
+COALESCE_API void flight_reader_close(flight_reader_t *r);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COALESCE_FLIGHT_H */

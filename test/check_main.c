@@ -1,0 +1,20 @@
+/*
+ * Runs every suite; exits non-zero if anything failed.
+ */
+#include "helpers.h"
+
+#include <stdlib.h>
+
+int main(void)
+{
+    /* Before any library call, so the hook can be installed. */
+    test_alloc_install();
+
+    SRunner *sr = srunner_create(make_common_suite());
+    srunner_add_suite(sr, make_buf_suite());
+    srunner_add_suite(sr, make_flight_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
