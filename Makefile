@@ -118,7 +118,7 @@ $(PC): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
 # A .pc file pointing into this tree, for the examples and the smoke test.
 $(PC_DEV): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
 	@mkdir -p $(@D)
-	$(Q)sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(CURDIR)/$(BUILD)|' \
+	$(Q)sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(abspath $(BUILD))|' \
 		-e 's|@INCLUDEDIR@|$(CURDIR)/include|' -e 's|@VERSION@|$(VERSION)|' $< > $@
 
 # --- Tests -------------------------------------------------------------------
@@ -138,8 +138,8 @@ check: deps-test all test-run check-exports check-core-no-uv check-cxx examples
 
 # The exported dynamic symbols must be exactly the functions include/ declares.
 check-exports: $(SHLIB)
-	$(Q)grep -h 'COALESCE_API' include/coalesce/*.h | grep -v '^#' | \
-		sed -E 's/^[^(]*[ *]([A-Za-z_][A-Za-z_0-9]*)\(.*/\1/' | sort -u \
+	$(Q)cat include/coalesce/*.h | grep -v '^ *#' | tr '\n' ' ' | tr ';' '\n' | \
+		grep 'COALESCE_API' | sed -E 's/.*COALESCE_API//; s/\(.*//; s/.*[ *]//' | grep . | sort -u \
 		> $(BUILD)/exports.declared
 	$(Q)nm -D --defined-only $(SHLIB) | awk '$$2 ~ /^[TDBR]$$/ {print $$3}' | \
 		sed 's/@.*//' | grep -v '^COALESCE_0$$' | sort -u > $(BUILD)/exports.actual
@@ -165,7 +165,7 @@ $(BUILD)/examples/%: examples/%.c $(SHLIB) $(PC_DEV) $(HDRS)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) -std=c11 $(WARN) $(CFLAGS) $(SAN) \
 		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --cflags libcoalesce) \
-		-o $@ $< -Wl,-rpath,$(CURDIR)/$(BUILD) \
+		-o $@ $< -Wl,-rpath,$(abspath $(BUILD)) \
 		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs libcoalesce) -lpthread
 
 examples: $(EXAMPLE_BINS)

@@ -78,6 +78,7 @@ struct flight_reader {
     bool close_pending; /* Closed while held by a dispatch. */
     bool closer_waiting;
     bool meta_seen;
+    bool attached; /* Counted in f->nreaders. */
     bool leader;
     bool embedded; /* The leader's reader lives inside the flight. */
 };
@@ -90,7 +91,7 @@ struct flight {
     unsigned char *key;
     size_t keylen;
     unsigned refs;     /* Table + writer + readers + dispatch holds. */
-    unsigned nreaders; /* Open readers. */
+    unsigned nreaders; /* Attached readers: open and not detached. */
     unsigned waiters;  /* Threads blocked on cond. */
     int status;
     bool registered; /* In the hash table: joinable. */
@@ -122,6 +123,8 @@ struct shard {
     size_t count;
     flight_t *pool;
     unsigned npool;
+    flight_reader_t *rpool; /* Spare joiner readers, linked by next. */
+    unsigned nrpool;
     unsigned long live; /* Flights not yet recycled. */
     bool closing;
     flight_stats_t st;
@@ -289,8 +292,8 @@ static void ensure_cond(flight_t *f)
     }
 }
 
-static void reader_link(flight_t *f, flight_reader_t *r, bool leader,
-                        bool embedded)
+static void
+reader_link(flight_t *f, flight_reader_t *r, bool leader, bool embedded)
 {
     /* Every field, explicitly: cheaper than clearing the whole struct. */
     r->f = f;
@@ -310,6 +313,7 @@ static void reader_link(flight_t *f, flight_reader_t *r, bool leader,
     r->close_pending = false;
     r->closer_waiting = false;
     r->meta_seen = false;
+    r->attached = true;
     r->leader = leader;
     r->embedded = embedded;
     r->prev = NULL;
@@ -331,7 +335,6 @@ static void reader_unlink(flight_t *f, flight_reader_t *r)
     if (r->next)
         r->next->prev = r->prev;
     r->prev = r->next = NULL;
-    f->nreaders--;
     f->sh->st.readers_open--;
 }
 
@@ -428,9 +431,31 @@ static void wake(flight_t *f, notes_t *nl)
     }
 }
 
+static void end_locked(flight_t *f, int status, post_t *p);
+
+/* A reader stops receiving (detached or closed). When none is left before
+ * the end, the writer is told: readers count 0, and with the CANCEL policy
+ * the flight ends. */
+static void reader_gone(flight_t *f, flight_reader_t *r, post_t *p)
+{
+    if (!r->attached)
+        return;
+    r->attached = false;
+    if (--f->nreaders || f->ended)
+        return;
+    if (!f->orphan_counted)
+        f->sh->st.orphaned++;
+    f->orphan_counted = true;
+    if (f->g->orphan_policy == FLIGHT_ORPHAN_CANCEL) {
+        f->canceled = true;
+        end_locked(f, FLIGHT_ECANCELED, p);
+    }
+}
+
 static void detach(flight_t *f, flight_reader_t *r, int status, post_t *p)
 {
     r->status = status;
+    reader_gone(f, r, p);
     if (r->seg) {
         if (r->peeked && r->seg->buf)
             r->pin = coalesce_buf_ref(r->seg->buf);
@@ -476,12 +501,20 @@ static void unregister(flight_t *f, post_t *p)
 static void reader_free_final(flight_reader_t *r, post_t *p)
 {
     flight_t *f = r->f;
+    shard_t *sh = f->sh;
     bool embedded = r->embedded;
     flight_group_t *g = f->g;
     if (flight_unref(f))
         p->unref_group = g;
-    if (!embedded)
+    if (embedded)
+        return;
+    if (sh->nrpool < POOL_MAX) {
+        r->next = sh->rpool;
+        sh->rpool = r;
+        sh->nrpool++;
+    } else {
         p->free_reader = r;
+    }
 }
 
 static void notes_call(notes_t *nl)
@@ -581,11 +614,16 @@ static void group_free(flight_group_t *g)
             sh->pool = f->hnext;
             coalesce__free(f);
         }
+        while (sh->rpool) {
+            flight_reader_t *r = sh->rpool;
+            sh->rpool = r->next;
+            coalesce__free(r);
+        }
         coalesce__free(sh->buckets);
         pthread_mutex_destroy(&sh->mu);
     }
     pthread_condattr_destroy(&g->cattr);
-    coalesce__free(g->shards);
+    coalesce__free(g->shards); /* NULL-safe. */
     coalesce__free(g);
 }
 
@@ -602,8 +640,8 @@ int flight_group_new(flight_group_t **out, const flight_opts_t *opts)
     if (!out)
         return COALESCE_EINVAL;
     if (opts) {
-        if (opts->size <= offsetof(flight_opts_t, max_lag) ||
-            opts->size > sizeof(o))
+        /* One layout so far; older sizes will be accepted as they appear. */
+        if (opts->size != sizeof(o))
             return COALESCE_EINVAL;
         memcpy(&o, opts, opts->size);
     }
@@ -626,26 +664,26 @@ int flight_group_new(flight_group_t **out, const flight_opts_t *opts)
     flight_group_t *g = coalesce__calloc(1, sizeof(*g));
     if (!g)
         return COALESCE_ENOMEM;
+    pthread_condattr_init(&g->cattr);
+    pthread_condattr_setclock(&g->cattr, CLOCK_MONOTONIC);
     g->shards = coalesce__calloc(shards, sizeof(shard_t));
     if (!g->shards) {
-        coalesce__free(g);
+        group_free(g);
         return COALESCE_ENOMEM;
     }
     for (unsigned i = 0; i < shards; i++) {
         shard_t *sh = &g->shards[i];
         sh->buckets = coalesce__calloc(BUCKETS_MIN, sizeof(flight_t *));
-        if (!sh->buckets) {
-            g->nshards = i;
-            group_free(g);
-            return COALESCE_ENOMEM;
-        }
+        if (!sh->buckets)
+            break;
         sh->mask = BUCKETS_MIN - 1;
         pthread_mutex_init(&sh->mu, NULL);
-        /* g->nshards counts shards group_free() must tear down. */
-        g->nshards = i + 1;
+        g->nshards = i + 1; /* Shards group_free() must tear down. */
     }
-    pthread_condattr_init(&g->cattr);
-    pthread_condattr_setclock(&g->cattr, CLOCK_MONOTONIC);
+    if (g->nshards < shards) {
+        group_free(g);
+        return COALESCE_ENOMEM;
+    }
     atomic_init(&g->pending, 1);
     g->seed = random_seed(g);
     g->max_lag = o.max_lag;
@@ -734,7 +772,7 @@ static void fetch_returned(flight_t *f, int rc)
         f->refs++; /* The writer's, until flight_writer_release(). */
     } else if (!f->ended) {
         end_locked(f,
-                   rc < 0                   ? rc
+                   rc < 0                    ? rc
                    : rc == FLIGHT_FETCH_DONE ? COALESCE_EUPSTREAM
                                              : COALESCE_EINVAL,
                    &p);
@@ -762,7 +800,13 @@ int flight_do(flight_group_t *g,
     }
     flight_t *f = table_find(sh, h, key, keylen);
     if (f) {
-        flight_reader_t *r = coalesce__malloc(sizeof(*r));
+        flight_reader_t *r = sh->rpool;
+        if (r) {
+            sh->rpool = r->next;
+            sh->nrpool--;
+        } else {
+            r = coalesce__malloc(sizeof(*r));
+        }
         if (!r) {
             pthread_mutex_unlock(&sh->mu);
             return COALESCE_ENOMEM;
@@ -923,12 +967,13 @@ int flight_write_buf(flight_writer_t *w,
         return COALESCE_EINVAL;
     if (!len)
         return flight_write(w, NULL, 0);
-    coalesce__buf_publish(buf);
     coalesce_buf_ref(buf);
     int rc = append(w, buf, (const unsigned char *)coalesce_buf_data(buf) + off,
                     len);
     if (rc)
         coalesce_buf_unref(buf);
+    else
+        coalesce__buf_publish(buf); /* Only the creator reads the mark. */
     return rc;
 }
 
@@ -1123,6 +1168,7 @@ int flight_peek(flight_reader_t *r,
     int rc = reader_wait(r, timeout_ms, false, &p);
     if (!rc) {
         seg_t *s = r->seg;
+        r->meta_seen = true; /* Body bytes come after the meta stage. */
         *data = s->data + r->pos;
         *len = r->peeked = s->len - r->pos;
         if (owner)
@@ -1166,6 +1212,8 @@ int flight_read(
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
     int rc = reader_wait(r, timeout_ms, false, &p);
+    if (!rc)
+        r->meta_seen = true; /* Body bytes come after the meta stage. */
     while (!rc) {
         seg_t *s = r->seg;
         size_t n = s->len - r->pos;
@@ -1265,6 +1313,7 @@ void flight_reader_close(flight_reader_t *r)
         pthread_cond_wait(&f->cond, &sh->mu);
     }
     r->closer_waiting = false;
+    reader_gone(f, r, &p);
     reader_unlink(f, r);
     if (r->seg) {
         seg_unref(sh, r->seg, &p);
@@ -1272,15 +1321,6 @@ void flight_reader_close(flight_reader_t *r)
     }
     p.pin = r->pin;
     r->pin = NULL;
-    if (!f->nreaders && !f->ended) {
-        if (!f->orphan_counted)
-            sh->st.orphaned++;
-        f->orphan_counted = true;
-        if (f->g->orphan_policy == FLIGHT_ORPHAN_CANCEL) {
-            f->canceled = true;
-            end_locked(f, FLIGHT_ECANCELED, &p);
-        }
-    }
     if (r->notifying)
         r->close_pending = true; /* The dispatch frees it. */
     else

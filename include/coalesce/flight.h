@@ -16,9 +16,10 @@
  *    the offset it reached, so the host can resume that client elsewhere
  *    (for instance with a range request).
  *  - A reader that closes drops its cursor and nothing else; the fetch goes
- *    on for the others. When the last reader has gone the writer can tell
- *    (flight_writer_readers()), and with FLIGHT_ORPHAN_CANCEL its next write
- *    fails with FLIGHT_ECANCELED so the host can stop the upstream.
+ *    on for the others. When no reader is attached any more (all closed or
+ *    detached) the writer can tell (flight_writer_readers() returns 0), and
+ *    with FLIGHT_ORPHAN_CANCEL the flight ends with FLIGHT_ECANCELED, which
+ *    the writer's next call returns, so the host can stop the upstream.
  *  - A flight is joinable for its whole life, headers and body, as long as
  *    its first byte is still held (retain_limit): a late joiner reads from
  *    byte 0. After the end, or once byte 0 has been let go, the key is free
@@ -110,7 +111,9 @@ typedef enum flight_orphan_policy {
  * @param[in] data The pointer given to flight_do().
  * @return FLIGHT_FETCH_DONE, FLIGHT_FETCH_ASYNC, or a negative code: if the
  *         stream was not ended yet, the flight ends with that code for every
- *         reader, and the writer is released.
+ *         reader, and the writer is released. FLIGHT_FETCH_DONE without
+ *         flight_end() ends it with COALESCE_EUPSTREAM; any other positive
+ *         value with COALESCE_EINVAL.
  */
 typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
 
@@ -118,9 +121,12 @@ typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
  * @brief One-shot readiness notification, armed by flight_reader_notify().
  *
  * Runs on whichever thread made the reader ready (usually the writer's), with
- * no library lock held. It must not block and must not call reader functions
- * on @p r: signal the reader's owner (uv_async_send(), a condition variable,
- * an eventfd) and return.
+ * no library lock held. It must not block: signal the reader's owner
+ * (uv_async_send(), a condition variable, an eventfd) and return. The only
+ * reader function it may call on @p r is flight_reader_close(). When more
+ * than 64 readers of one flight are armed at once, a reader that re-arms
+ * quickly may get a spurious notification: read, and re-arm if nothing was
+ * there.
  */
 typedef void (*flight_notify_cb)(flight_reader_t *r, void *data);
 
@@ -128,16 +134,18 @@ typedef void (*flight_notify_cb)(flight_reader_t *r, void *data);
 typedef struct flight_opts {
     size_t size; /**< sizeof(flight_opts_t), set by flight_opts_init(). */
     /** Bytes a reader may fall behind the writer before it is detached
-     *  with FLIGHT_ELAGGED. Default 64 MiB; FLIGHT_UNLIMITED for none. */
+     *  with FLIGHT_ELAGGED. Default (and 0) 64 MiB; FLIGHT_UNLIMITED for
+     *  none. */
     uint64_t max_lag;
     /** Bytes of the body prefix kept so that late joiners can read from
-     *  byte 0; past it the flight is no longer joinable. Default 16 MiB,
-     *  never more than max_lag (clamped). */
+     *  byte 0; past it the flight is no longer joinable. Default (and 0)
+     *  16 MiB; never more than max_lag (clamped). */
     uint64_t retain_limit;
     /** A waiter that has no meta this many milliseconds after joining is
      *  detached with FLIGHT_ETIMEDOUT. 0 (default) means no deadline. */
     uint32_t wait_timeout_ms;
-    /** Number of lock shards, rounded up to a power of two. Default 64. */
+    /** Number of lock shards, rounded up to a power of two, at most 4096.
+     *  Default (and 0) 64. */
     uint32_t shards;
     /** A flight_orphan_policy_t. Default FLIGHT_ORPHAN_CONTINUE. */
     int orphan_policy;
@@ -168,23 +176,26 @@ COALESCE_API void flight_opts_init(flight_opts_t *opts);
 /**
  * @brief Create a flight group.
  * @param[out] out New group on success; untouched on failure.
- * @param[in] opts Copied; NULL for the defaults. opts->size must be set
- *            (flight_opts_init() does it).
+ * @param[in] opts Copied; NULL for the defaults. opts->size must be
+ *            sizeof(flight_opts_t) (flight_opts_init() sets it).
  * @return 0; COALESCE_EINVAL (NULL @p out, bad size or policy);
- *         COALESCE_ENOMEM; COALESCE_EIO if no random seed could be read.
+ *         COALESCE_ENOMEM.
  * Thread safety: yes. @since 0.1
  */
 COALESCE_API int flight_group_new(flight_group_t **out,
                                   const flight_opts_t *opts);
 
 /**
- * @brief Close a group: later flight_do() calls return COALESCE_ECLOSING.
+ * @brief Close a group: it admits no new flight.
  *
  * Flights in progress are not disturbed: their readers and writers stay
  * valid and must still be closed and released. The group's memory is freed
- * when the last of them is gone. NULL is a no-op. Closing twice is a usage
- * error (the group may already be freed).
- * Thread safety: yes, but no other call may use @p g after this one.
+ * when the last of them is gone. flight_do() calls that race with the close,
+ * or that a fetch or notify callback of a live flight makes, return
+ * COALESCE_ECLOSING; calls made once @p g may be freed are a usage error.
+ * NULL is a no-op. Closing twice is a usage error (the group may already be
+ * freed).
+ * Thread safety: yes.
  * @since 0.1
  */
 COALESCE_API void flight_group_close(flight_group_t *g);
@@ -239,7 +250,8 @@ COALESCE_API int flight_do(flight_group_t *g,
  *
  * Waiters' flight_meta() calls return as soon as this is set (or the first
  * body byte or the end arrives). Joiners' wait_timeout_ms stops applying.
- * @param[in] meta Copied; may be NULL when @p len is 0.
+ * @param[in] meta Copied; may be NULL when @p len is 0 (readers then get an
+ *            empty, non-NULL meta).
  * @return 0; COALESCE_EINVAL (NULL writer, meta already set, body already
  *         started, stream ended); FLIGHT_ECANCELED (orphaned, CANCEL policy);
  *         COALESCE_ENOMEM (nothing changed).
@@ -261,8 +273,9 @@ COALESCE_API int flight_write(flight_writer_t *w, const void *data, size_t len);
 /**
  * @brief Append [off, off + len) of @p buf without copying.
  *
- * The buffer becomes published (immutable) and the flight takes its own
- * reference; the caller keeps its reference and must still drop it.
+ * On success the buffer becomes published (immutable) and the flight takes
+ * its own reference; the caller keeps its reference and must still drop it.
+ * On failure the buffer is untouched.
  * @param[in] buf Borrowed (the library takes a reference).
  * @return As flight_write(); COALESCE_EINVAL also if the slice is outside
  *         the buffer.
@@ -275,7 +288,8 @@ COALESCE_API int flight_write_buf(flight_writer_t *w,
 
 /**
  * @brief End the stream: 0 for a complete body, a negative code for a failed
- *        one. Readers get it after every byte written before it.
+ *        one (COALESCE_EOF counts as 0). Readers get it after every byte
+ *        written before it.
  *
  * The key becomes free at once: the next flight_do() starts a new flight.
  * The writer stays valid (later writes return COALESCE_EINVAL) until it is
@@ -288,7 +302,8 @@ COALESCE_API int flight_write_buf(flight_writer_t *w,
 COALESCE_API int flight_end(flight_writer_t *w, int status);
 
 /**
- * @brief Number of readers still open on the writer's flight (0: orphaned).
+ * @brief Number of readers still attached to the writer's flight: open and
+ *        not detached (0: nobody is receiving any more).
  * Thread safety: writer's owner thread. @since 0.1
  */
 COALESCE_API unsigned flight_writer_readers(flight_writer_t *w);
@@ -406,6 +421,7 @@ COALESCE_API int flight_reader_shared(const flight_reader_t *r);
  *        flight goes on for the others. NULL is a no-op.
  *
  * If a notify callback is running on another thread, waits for it to return.
+ * May be called from inside the reader's own notify callback.
  * Closing twice is a usage error (the reader is freed).
  * Thread safety: reader's owner thread. @since 0.1
  */
