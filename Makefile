@@ -8,11 +8,15 @@
 #   make install / uninstall          honour DESTDIR, PREFIX, LIBDIR, ...
 
 VERSION_H := include/coalesce/version.h
-vpart = $(shell sed -n 's/^\#define COALESCE_VERSION_$(1) \([0-9][0-9]*\).*/\1/p' $(VERSION_H))
+vpart = $(shell sed -n 's/^\#[ \t]*define[ \t][ \t]*COALESCE_VERSION_$(1)[ \t][ \t]*\([0-9][0-9]*\).*/\1/p' $(VERSION_H))
 MAJOR := $(call vpart,MAJOR)
 MINOR := $(call vpart,MINOR)
 PATCH := $(call vpart,PATCH)
 VERSION := $(MAJOR).$(MINOR).$(PATCH)
+ifeq ($(words $(MAJOR) $(MINOR) $(PATCH)),3)
+else
+$(error cannot read the version from $(VERSION_H))
+endif
 
 PREFIX ?= /usr/local
 LIBDIR ?= $(PREFIX)/lib
@@ -202,10 +206,10 @@ valgrind: deps-valgrind $(TEST_BIN)
 
 # --- Install -------------------------------------------------------------------
 
-# install builds nothing: run "make" first (so "sudo make install" never
-# compiles as root).
-install:
-	@for f in $(SHLIB) $(STLIB) $(PC); do test -f $$f || \
+# install compiles nothing: run "make" first (so "sudo make install" never
+# compiles as root). Only the .pc file is regenerated if the paths changed.
+install: $(PC)
+	@for f in $(SHLIB) $(STLIB); do test -f $$f || \
 		{ echo "install: $$f is missing; run 'make' first"; exit 1; }; done
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR)/coalesce \
 		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(MANDIR)/man3
