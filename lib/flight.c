@@ -58,6 +58,7 @@ struct seg {
 struct flight_writer {
     flight_t *f;
     bool ended;
+    bool released; /* Released while the callback still ran. */
 };
 
 struct flight_reader {
@@ -71,12 +72,13 @@ struct flight_reader {
     int status;          /* Terminal status once known, else 0. */
     int64_t deadline;    /* Waiter deadline (monotonic ns); 0 for none. */
     flight_notify_cb cb; /* Armed notify callback, or NULL. */
+    uint64_t arm_seq;    /* f->ev_seq when it was armed. */
     void *cb_data;
     unsigned notifying; /* Dispatch batches holding this reader. */
     atomic_uint in_cb;  /* Its notify callbacks running now. */
     atomic_bool closed;
-    bool close_pending; /* Closed while held by a dispatch. */
-    bool closer_waiting;
+    bool close_pending;         /* Closed while held by a dispatch. */
+    atomic_bool closer_waiting; /* A close waits for in_cb to drop. */
     bool meta_seen;
     bool attached; /* Counted in f->nreaders. */
     bool leader;
@@ -105,6 +107,7 @@ struct flight {
     bool orphan_counted;
     uint64_t written;
     uint64_t fetch_written; /* Bytes written when the callback returned. */
+    uint64_t ev_seq;        /* Events that woke readers. */
     unsigned char *meta;
     size_t metalen;
     seg_t head; /* Sentinel before the first segment. */
@@ -154,7 +157,9 @@ typedef struct note {
 } note_t;
 
 typedef struct notes {
-    flight_t *hold; /* Flight kept alive by a reference while running. */
+    flight_t *hold;        /* Flight kept alive by a reference while running. */
+    flight_reader_t *self; /* The reader making the call: not notified. */
+    uint64_t seq;          /* This event: armings older than it fire. */
     size_t n;
     bool more; /* Armed readers left over for another pass. */
     note_t v[NOTE_BATCH];
@@ -177,6 +182,8 @@ static inline void post_init(post_t *p)
     p->free_reader = NULL;
     p->unref_group = NULL;
     p->notes.hold = NULL;
+    p->notes.self = NULL;
+    p->notes.seq = 0;
     p->notes.n = 0;
     p->notes.more = false;
 }
@@ -311,7 +318,8 @@ reader_link(flight_t *f, flight_reader_t *r, bool leader, bool embedded)
     atomic_init(&r->in_cb, 0);
     atomic_init(&r->closed, false);
     r->close_pending = false;
-    r->closer_waiting = false;
+    atomic_init(&r->closer_waiting, false);
+    r->arm_seq = 0;
     r->meta_seen = false;
     r->attached = true;
     r->leader = leader;
@@ -374,6 +382,7 @@ static flight_t *flight_new(
     f->orphan_counted = false;
     f->written = 0;
     f->fetch_written = 0;
+    f->ev_seq = 0;
     f->meta = NULL;
     f->metalen = 0;
     /* The head is retained for joiners and referenced by the tail. */
@@ -382,6 +391,7 @@ static flight_t *flight_new(
     f->readers = NULL;
     f->w.f = f;
     f->w.ended = false;
+    f->w.released = false;
     reader_link(f, &f->lr, true, true);
     return f;
 }
@@ -409,13 +419,19 @@ static bool flight_unref(flight_t *f)
     return sh->closing;
 }
 
-/* Collect armed readers' callbacks; wake blocked readers. */
+/*
+ * Collect armed readers' callbacks; wake blocked readers. Only armings older
+ * than this event fire: a reader that re-arms while the callbacks run has
+ * seen the event, so later passes over a long list cannot loop on it.
+ */
 static void wake(flight_t *f, notes_t *nl)
 {
     if (f->waiters)
         pthread_cond_broadcast(&f->cond);
+    if (!nl->seq)
+        nl->seq = ++f->ev_seq;
     for (flight_reader_t *r = f->readers; r; r = r->next) {
-        if (!r->cb)
+        if (!r->cb || r->arm_seq >= nl->seq || r == nl->self)
             continue;
         if (nl->n == NOTE_BATCH) {
             nl->more = true;
@@ -517,7 +533,7 @@ static void reader_free_final(flight_reader_t *r, post_t *p)
     }
 }
 
-static void notes_call(notes_t *nl)
+static void notes_call(shard_t *sh, notes_t *nl)
 {
     for (size_t i = 0; i < nl->n; i++) {
         flight_reader_t *r = nl->v[i].r;
@@ -530,6 +546,12 @@ static void notes_call(notes_t *nl)
             notify_current = saved;
         }
         atomic_fetch_sub(&r->in_cb, 1);
+        /* A close waiting for this callback need not wait for the batch. */
+        if (atomic_load(&r->closer_waiting)) {
+            pthread_mutex_lock(&sh->mu);
+            pthread_cond_broadcast(&r->f->cond);
+            pthread_mutex_unlock(&sh->mu);
+        }
     }
 }
 
@@ -541,13 +563,11 @@ static void post_run_slow(shard_t *sh, post_t *p)
 {
     notes_t *nl = &p->notes;
     while (nl->n) {
-        notes_call(nl);
+        notes_call(sh, nl);
         pthread_mutex_lock(&sh->mu);
-        bool bcast = false;
         for (size_t i = 0; i < nl->n; i++) {
             flight_reader_t *r = nl->v[i].r;
             r->notifying--;
-            bcast |= r->closer_waiting;
             if (r->close_pending && !r->notifying) {
                 post_t q;
                 post_init(&q);
@@ -558,8 +578,6 @@ static void post_run_slow(shard_t *sh, post_t *p)
             }
         }
         flight_t *f = nl->hold;
-        if (bcast)
-            pthread_cond_broadcast(&f->cond);
         nl->n = 0;
         if (nl->more) {
             nl->more = false;
@@ -746,6 +764,17 @@ int flight_group_stats(flight_group_t *g, flight_stats_t *out, size_t size)
     return 0;
 }
 
+/* Codes a reader uses for a live stream cannot end one: EOF means a clean
+ * end, and EAGAIN ("nothing yet") would leave every reader waiting. */
+static int end_status(int status)
+{
+    if (status == COALESCE_EOF)
+        return 0;
+    if (status == COALESCE_EAGAIN)
+        return COALESCE_EUPSTREAM;
+    return status;
+}
+
 /* --- flight_do --------------------------------------------------------------
  */
 
@@ -769,10 +798,13 @@ static void fetch_returned(flight_t *f, int rc)
     f->fetching = false;
     f->fetch_written = f->written;
     if (rc == FLIGHT_FETCH_ASYNC) {
-        f->refs++; /* The writer's, until flight_writer_release(). */
+        /* The writer's reference, until flight_writer_release(), unless it
+         * was released already (from another thread, or by the callback). */
+        if (!f->w.released)
+            f->refs++;
     } else if (!f->ended) {
         end_locked(f,
-                   rc < 0                    ? rc
+                   rc < 0                    ? end_status(rc)
                    : rc == FLIGHT_FETCH_DONE ? COALESCE_EUPSTREAM
                                              : COALESCE_EINVAL,
                    &p);
@@ -918,14 +950,17 @@ static int append(flight_writer_t *w,
         seg_unref(sh, &f->head, &p);
         unregister(f, &p);
     }
-    if (g->max_lag != FLIGHT_UNLIMITED && f->written > g->max_lag) {
-        uint64_t min_off = f->written - g->max_lag;
+    if (g->max_lag != FLIGHT_UNLIMITED && f->written - len > g->max_lag) {
+        /* Lag is counted up to the start of this write, so one large write
+         * detaches nobody who had caught up. The leader's reader cannot read
+         * while its callback produces the body: it is exempt meanwhile, and
+         * afterwards allowed that backlog on top of max_lag. */
+        uint64_t start = f->written - len;
         for (flight_reader_t *r = f->readers; r; r = r->next) {
-            if (r->status || r->off >= min_off)
+            if (r->status || start - r->off <= g->max_lag)
                 continue;
-            /* The leader's reader cannot read while its callback produces
-             * the body, nor before it has caught up with that backlog. */
-            if (r->leader && (f->fetching || r->off < f->fetch_written))
+            if (r->leader && (f->fetching ||
+                              start - r->off - g->max_lag <= f->fetch_written))
                 continue;
             detach(f, r, FLIGHT_ELAGGED, &p);
             sh->st.lagged++;
@@ -981,8 +1016,7 @@ int flight_end(flight_writer_t *w, int status)
 {
     if (!w || status > 0)
         return COALESCE_EINVAL;
-    if (status == COALESCE_EOF)
-        status = 0;
+    status = end_status(status);
     flight_t *f = w->f;
     shard_t *sh = f->sh;
     post_t p;
@@ -1023,7 +1057,9 @@ void flight_writer_release(flight_writer_t *w)
     /* Inside the callback the writer owns no reference: fetch_returned()
      * settles it. */
     flight_group_t *g = f->g;
-    if (!f->fetching && flight_unref(f))
+    if (f->fetching)
+        w->released = true;
+    else if (flight_unref(f))
         p.unref_group = g;
     pthread_mutex_unlock(&sh->mu);
     post_run(sh, &p);
@@ -1134,6 +1170,7 @@ int flight_meta(flight_reader_t *r,
     shard_t *sh = f->sh;
     post_t p;
     post_init(&p);
+    p.notes.self = r; /* It learns from the return value. */
     pthread_mutex_lock(&sh->mu);
     int rc = reader_wait(r, timeout_ms, true, &p);
     /* The meta is immutable once set and lives as long as the flight. */
@@ -1163,6 +1200,7 @@ int flight_peek(flight_reader_t *r,
     shard_t *sh = r->f->sh;
     post_t p;
     post_init(&p);
+    p.notes.self = r; /* It learns from the return value. */
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
     int rc = reader_wait(r, timeout_ms, false, &p);
@@ -1208,6 +1246,7 @@ int flight_read(
     shard_t *sh = r->f->sh;
     post_t p;
     post_init(&p);
+    p.notes.self = r; /* It learns from the return value. */
     size_t total = 0;
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
@@ -1256,13 +1295,14 @@ int flight_reader_notify(flight_reader_t *r, flight_notify_cb cb, void *data)
     shard_t *sh = r->f->sh;
     post_t p;
     post_init(&p);
+    p.notes.self = r; /* It learns from the return value. */
     pthread_mutex_lock(&sh->mu);
     int rc = reader_poll(r, &p);
     int ready = rc != COALESCE_EAGAIN || (r->f->meta_stage && !r->meta_seen);
-    if (!ready) {
-        r->cb = cb;
-        r->cb_data = data;
-    }
+    /* A new arming replaces the old one; "ready" leaves nothing armed. */
+    r->cb = ready ? NULL : cb;
+    r->cb_data = data;
+    r->arm_seq = r->f->ev_seq;
     pthread_mutex_unlock(&sh->mu);
     post_run(sh, &p);
     return ready ? 1 : 0;
@@ -1302,17 +1342,21 @@ void flight_reader_close(flight_reader_t *r)
     post_t p;
     post_init(&p);
     pthread_mutex_lock(&sh->mu);
-    atomic_store(&r->closed, true);
     r->cb = NULL;
-    /* No callback may run after close returns, except the one this thread
-     * may be inside of. */
-    unsigned self = notify_current == r;
-    while (atomic_load(&r->in_cb) > self) {
+    if (r->notifying) {
+        /* A dispatch holds r. No callback may run after close returns,
+         * except the one this thread may be inside of. The seq_cst
+         * operations pair with notes_call(): either it sees closed, or we
+         * see its callback running; and either it sees closer_waiting, or
+         * we see in_cb drop. */
+        atomic_store(&r->closed, true);
+        unsigned self = notify_current == r;
         ensure_cond(f);
-        r->closer_waiting = true;
-        pthread_cond_wait(&f->cond, &sh->mu);
+        atomic_store(&r->closer_waiting, true);
+        while (atomic_load(&r->in_cb) > self)
+            pthread_cond_wait(&f->cond, &sh->mu);
+        atomic_store(&r->closer_waiting, false);
     }
-    r->closer_waiting = false;
     reader_gone(f, r, &p);
     reader_unlink(f, r);
     if (r->seg) {

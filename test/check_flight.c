@@ -31,6 +31,13 @@
 
 #define LEAK_START() const long leak_base_ = test_alloc_live()
 #define LEAK_CHECK() ck_assert_int_eq(test_alloc_live(), leak_base_)
+/* End of a test: nothing in flight, the group closed, nothing leaked. */
+#define FINISH(g)                                                              \
+    do {                                                                       \
+        assert_idle(g);                                                        \
+        flight_group_close(g);                                                 \
+        LEAK_CHECK();                                                          \
+    } while (0)
 
 /* An address that no library object has: "untouched" out-parameters. */
 static char sentinel_byte;
@@ -796,9 +803,7 @@ START_TEST(test_fl4_max_lag_detach_and_bound)
     s = stats_of(g);
     ck_assert_uint_eq(s.lagged, 2);
     ck_assert_uint_eq(s.bytes_delivered, total + 10000);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -818,9 +823,7 @@ START_TEST(test_fl4_leader_sync_fetch_not_lagged)
     ck_assert_uint_eq(s.lagged, 0);
     ck_assert_uint_eq(s.bytes_delivered, f.len);
     flight_reader_close(r);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -872,9 +875,7 @@ START_TEST(test_fl4_peeked_bytes_survive_detach)
     ck_assert_int_eq(drain(a, PAT(f.seed), got_a).status, COALESCE_EOF);
     flight_reader_close(b);
     flight_reader_close(a);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -915,9 +916,7 @@ START_TEST(test_fl5_reader_closes_mid_body)
     flight_stats_t s = stats_of(g);
     ck_assert_uint_eq(s.orphaned, 0);
     ck_assert_uint_eq(s.errors, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -946,9 +945,7 @@ START_TEST(test_fl5_leader_reader_closes_early)
     flight_reader_close(j2);
     ck_assert_int_eq(atomic_load(&f.calls), 1);
     ck_assert_uint_eq(stats_of(g).orphaned, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -989,9 +986,7 @@ START_TEST(test_fl5_orphan_cancel)
     ASSERT_BODY(read_all(r2, PAT(f2.seed), 0), COALESCE_EOF, 5000);
     flight_reader_close(r2);
     ck_assert_uint_eq(stats_of(g).orphaned, 1);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1015,7 +1010,8 @@ START_TEST(test_fl5_orphan_by_detach)
     ck_assert_int_eq(write_pattern(w, f.seed, 0, 8 * KiB, 1 * KiB),
                      FLIGHT_ECANCELED);
     ck_assert_uint_eq(flight_writer_readers(w), 0);
-    ck_assert_uint_eq(stats_of(g).bytes_written, 5 * KiB);
+    /* Lag counts up to the start of a write: the 6th write detaches. */
+    ck_assert_uint_eq(stats_of(g).bytes_written, 6 * KiB);
     ck_assert_uint_eq(stats_of(g).lagged, 1);
     ck_assert_uint_eq(stats_of(g).orphaned, 1);
     unsigned char x[16] = {0};
@@ -1024,9 +1020,7 @@ START_TEST(test_fl5_orphan_by_detach)
     flight_writer_release(w);
     assert_terminal(j, FLIGHT_ELAGGED);
     flight_reader_close(j);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1056,9 +1050,7 @@ START_TEST(test_fl5_orphan_continue)
     ck_assert_uint_eq(s.flights_started, 1);
     ck_assert_uint_eq(s.bytes_written, f.len);
     ck_assert_uint_eq(s.errors, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1102,9 +1094,7 @@ START_TEST(test_fl6_late_joiner_reads_from_zero)
     flight_reader_close(j0);
     flight_reader_close(j1);
     flight_reader_close(lead);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1151,9 +1141,7 @@ START_TEST(test_fl6_beyond_retain_starts_new_flight)
     flight_reader_close(r1);
     flight_reader_close(r2);
     flight_reader_close(r3);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1190,9 +1178,7 @@ START_TEST(test_fl6_sequential_reuse)
     flight_stats_t s = stats_of(g);
     ck_assert_uint_eq(s.flights_started, 4);
     ck_assert_uint_eq(s.joins, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1349,9 +1335,7 @@ START_TEST(test_fl7_error_status_after_bytes)
     flight_stats_t s = stats_of(g);
     ck_assert_uint_eq(s.errors, 3);
     ck_assert_uint_eq(s.flights_started, 3);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1384,9 +1368,7 @@ START_TEST(test_fl7_writer_released_without_end)
     flight_reader_close(r2);
 
     ck_assert_uint_eq(stats_of(g).errors, 2);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1420,9 +1402,7 @@ START_TEST(test_fl7_sync_fetch_without_end)
     ASSERT_BODY(read_all(r, PAT(f.seed), 0), COALESCE_EOF, 3000);
     flight_reader_close(r);
     ck_assert_uint_eq(stats_of(g).errors, 2);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1492,9 +1472,7 @@ START_TEST(test_fl8_wait_timeout)
     ck_assert_uint_eq(s.flights_started, 1);
     ck_assert_uint_eq(s.joins, 3);
     ck_assert_uint_eq(s.errors, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1524,9 +1502,7 @@ START_TEST(test_fl8_body_without_meta)
     flight_reader_close(j);
     flight_reader_close(lead);
     ck_assert_uint_eq(stats_of(g).timeouts, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1557,9 +1533,7 @@ START_TEST(test_fl9_zero_waiters_no_delay)
     ck_assert_uint_eq(s.flights_started, 20);
     ck_assert_uint_eq(s.joins, 0);
     ck_assert_uint_eq(s.timeouts, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -1907,9 +1881,7 @@ START_TEST(test_fl12_do_args)
     flight_stats_t s = stats_of(g);
     ck_assert_uint_eq(s.flights_started, 0);
     ck_assert_uint_eq(s.joins, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2010,9 +1982,7 @@ START_TEST(test_fl12_writer_misuse)
     flight_reader_close(r);
     ck_assert_uint_eq(stats_of(g).bytes_written, 3000);
     ck_assert_uint_eq(stats_of(g).errors, 0);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2070,9 +2040,7 @@ START_TEST(test_fl12_reader_misuse)
     ASSERT_BODY(read_all(r, PAT(f.seed), 400), COALESCE_EOF, 1600);
     ck_assert_int_eq(atomic_load(&fired), 0);
     flight_reader_close(r);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2497,9 +2465,7 @@ START_TEST(test_notify_basic)
     ck_assert_int_eq(atomic_load(&n.fired), 3);
     ck_assert_int_eq(atomic_load(&n1.fired), 0);
     flight_reader_close(r);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2519,17 +2485,21 @@ START_TEST(test_notify_detach_and_error)
     notify_init(&nj);
     ck_assert_int_eq(flight_reader_notify(l, notify_cb, &nl), 0);
     ck_assert_int_eq(flight_reader_notify(j, notify_cb, &nj), 0);
-    /* One write of more than max_lag: both are that far behind (ASYNC, so
-     * max_lag applies to the leader's reader too). */
+    /* One write of more than max_lag detaches nobody who had caught up: it
+     * notifies them of the data. */
     ck_assert_int_eq(write_pattern(w, f.seed, 0, 128 * KiB, 128 * KiB), 0);
     ck_assert_int_eq(atomic_load(&nl.fired), 1);
     ck_assert_int_eq(atomic_load(&nj.fired), 1);
+    ck_assert_uint_eq(stats_of(g).lagged, 0);
+    /* Neither reads: the next write finds both more than max_lag behind its
+     * start (ASYNC, so max_lag applies to the leader's reader too). */
+    ck_assert_int_eq(write_pattern(w, f.seed, 128 * KiB, 1000, 1000), 0);
     ck_assert_uint_eq(stats_of(g).lagged, 2);
     ck_assert_int_eq(flight_reader_notify(j, notify_cb, &nj), 1);
     assert_terminal(j, FLIGHT_ELAGGED);
     ck_assert_int_eq(flight_reader_notify(l, notify_cb, &nl), 1);
     assert_terminal(l, FLIGHT_ELAGGED);
-    ck_assert_int_eq(write_pattern(w, f.seed, 128 * KiB, 1000, 1000), 0);
+    ck_assert_int_eq(write_pattern(w, f.seed, 128 * KiB + 1000, 1000, 1000), 0);
     ck_assert_int_eq(flight_end(w, 0), 0);
     flight_writer_release(w);
     ck_assert_int_eq(atomic_load(&nl.fired), 1);
@@ -2550,9 +2520,7 @@ START_TEST(test_notify_detach_and_error)
     assert_terminal(l2, COALESCE_EUPSTREAM);
     flight_reader_close(l2);
     ck_assert_int_eq(atomic_load(&n2.fired), 1);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2582,9 +2550,7 @@ START_TEST(test_notify_body_reader_without_meta)
     flight_writer_release(w);
     assert_terminal(r, COALESCE_EOF);
     flight_reader_close(r);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2815,9 +2781,7 @@ START_TEST(test_notify_close_from_callback)
     flight_writer_release(w);
     ASSERT_BODY(read_all(l, PAT(f.seed), 0), COALESCE_EOF, 10000);
     flight_reader_close(l);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -2930,9 +2894,7 @@ START_TEST(test_handoff_and_timeouts)
     pthread_join(tr, NULL);
     ck_assert_int_eq(wb.rc, 0);
     ASSERT_BODY(rb.res, COALESCE_EOF, total - part);
-    assert_idle(g);
-    flight_group_close(g);
-    LEAK_CHECK();
+    FINISH(g);
 }
 END_TEST
 
@@ -3058,6 +3020,260 @@ static TCase *tcase(Suite *s, const char *name, double timeout)
     return tc;
 }
 
+/* --- Regressions found in review -------------------------------------- */
+
+/* The callback ends and releases its writer, then (wrongly but harmlessly)
+ * says ASYNC: no writer reference may be left behind. */
+static int fetch_release_then_async(flight_writer_t *w, void *data)
+{
+    (void)data;
+    ck_assert_int_eq(flight_write(w, "ab", 2), 0);
+    ck_assert_int_eq(flight_end(w, 0), 0);
+    flight_writer_release(w);
+    return FLIGHT_FETCH_ASYNC;
+}
+
+START_TEST(test_review_release_inside_callback)
+{
+    LEAK_START();
+    flight_group_t *g = group_default();
+    flight_reader_t *r;
+    ck_assert_int_eq(flight_do(g, "rel", 3, fetch_release_then_async, NULL, &r),
+                     0);
+    unsigned char b[8];
+    size_t n = 0;
+    ck_assert_int_eq(flight_read(r, b, sizeof(b), -1, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    ck_assert_int_eq(flight_read(r, b, sizeof(b), -1, &n), COALESCE_EOF);
+    flight_reader_close(r);
+    FINISH(g); /* The leak check fails if the flight was kept. */
+}
+END_TEST
+
+/* After FLIGHT_FETCH_ASYNC the leader's reader is allowed max_lag on top of
+ * the callback's backlog, not an unbounded lag. */
+static int fetch_one_byte_async(flight_writer_t *w, void *data)
+{
+    *(flight_writer_t **)data = w;
+    ck_assert_int_eq(flight_write(w, "x", 1), 0);
+    return FLIGHT_FETCH_ASYNC;
+}
+
+START_TEST(test_review_leader_async_lag_bounded)
+{
+    LEAK_START();
+    flight_group_t *g = group_with(4 * KiB, 4 * KiB, 0, FLIGHT_ORPHAN_CONTINUE);
+    flight_writer_t *w = NULL;
+    flight_reader_t *r;
+    ck_assert_int_eq(flight_do(g, "lag", 3, fetch_one_byte_async, &w, &r), 0);
+    ck_assert_int_eq(write_pattern(w, 7, 1, 64 * KiB, 1 * KiB), 0);
+    flight_stats_t st = stats_of(g);
+    ck_assert_uint_eq(st.lagged, 1);
+    ck_assert_uint_le(st.bytes_held, 4 * KiB + 2 * KiB + 1);
+    assert_terminal(r, FLIGHT_ELAGGED);
+    ck_assert_uint_eq(flight_reader_offset(r), 0);
+    ck_assert_int_eq(flight_end(w, 0), 0);
+    flight_writer_release(w);
+    flight_reader_close(r);
+    FINISH(g);
+}
+END_TEST
+
+/* End codes that readers use for a live stream are translated: EAGAIN would
+ * otherwise leave every reader waiting, EOF is a clean end. */
+START_TEST(test_review_end_status_translation)
+{
+    LEAK_START();
+    flight_group_t *g = group_default();
+    fetch_ctx_t f;
+    fetch_init(&f, F_ASYNC, 181, 0);
+    flight_reader_t *r = join(g, "eagain", &f, 0);
+    flight_writer_t *w = writer_of(&f);
+    ck_assert_int_eq(flight_end(w, COALESCE_EAGAIN), 0);
+    flight_writer_release(w);
+    const void *m;
+    size_t ml;
+    ck_assert_int_eq(flight_meta(r, -1, &m, &ml), COALESCE_EUPSTREAM);
+    assert_terminal(r, COALESCE_EUPSTREAM);
+    flight_reader_close(r);
+
+    fetch_ctx_t f2;
+    fetch_init(&f2, F_RET, 182, 0);
+    f2.ret = COALESCE_EAGAIN;
+    flight_reader_t *r2 = join(g, "eagain2", &f2, 0);
+    assert_terminal(r2, COALESCE_EUPSTREAM);
+    flight_reader_close(r2);
+
+    fetch_ctx_t f3;
+    fetch_init(&f3, F_RET, 183, 0);
+    f3.ret = COALESCE_EOF;
+    flight_reader_t *r3 = join(g, "eof", &f3, 0);
+    ck_assert_int_eq(flight_meta(r3, -1, &m, &ml), 0);
+    assert_terminal(r3, COALESCE_EOF);
+    flight_reader_close(r3);
+    ck_assert_uint_eq(stats_of(g).errors, 2);
+    FINISH(g);
+}
+END_TEST
+
+/* A notify that answers "ready" leaves nothing armed, not even an older
+ * arming. */
+START_TEST(test_review_ready_disarms)
+{
+    LEAK_START();
+    flight_group_t *g =
+        group_with(DEFAULT_MAX_LAG, DEFAULT_RETAIN, 20, FLIGHT_ORPHAN_CONTINUE);
+    fetch_ctx_t f;
+    fetch_init(&f, F_ASYNC, 184, 0);
+    flight_reader_t *l = join(g, "disarm", &f, 0);
+    flight_writer_t *w = writer_of(&f);
+    flight_reader_t *j = join(g, "disarm", &f, 1);
+    notify_ctx_t a, b;
+    notify_init(&a);
+    notify_init(&b);
+    ck_assert_int_eq(flight_reader_notify(j, notify_cb, &a), 0);
+    /* The library's own wait runs out the waiter's deadline. */
+    ck_assert_int_eq(flight_meta(j, 5000, NULL, NULL), FLIGHT_ETIMEDOUT);
+    ck_assert_int_eq(atomic_load(&a.fired), 0); /* Not inside its own call. */
+    ck_assert_int_eq(flight_reader_notify(j, notify_cb, &b), 1);
+    ck_assert_int_eq(flight_set_meta(w, "m", 1), 0);
+    ck_assert_int_eq(atomic_load(&a.fired), 0);
+    ck_assert_int_eq(atomic_load(&b.fired), 0);
+    ck_assert_int_eq(flight_end(w, 0), 0);
+    flight_writer_release(w);
+    flight_reader_close(j);
+    flight_reader_close(l);
+    FINISH(g);
+}
+END_TEST
+
+/*
+ * Many armed readers whose owner re-arms them while the writer's
+ * notifications are still being delivered: every write must return (the
+ * writer never waits for readers) and every reader gets everything.
+ */
+#define REARM_READERS 100
+#define REARM_WRITES  50
+
+typedef struct rearm {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    flight_reader_t *r[REARM_READERS];
+    int ready[REARM_READERS];
+    atomic_long callbacks;
+    counter_t armed;
+} rearm_t;
+
+typedef struct rearm_slot {
+    rearm_t *x;
+    int i;
+} rearm_slot_t;
+
+static void rearm_cb(flight_reader_t *r, void *data)
+{
+    (void)r;
+    rearm_slot_t *s = data;
+    atomic_fetch_add(&s->x->callbacks, 1);
+    pthread_mutex_lock(&s->x->mu);
+    s->x->ready[s->i] = 1;
+    pthread_cond_signal(&s->x->cv);
+    pthread_mutex_unlock(&s->x->mu);
+}
+
+static void *rearm_owner(void *p)
+{
+    rearm_t *x = p;
+    rearm_slot_t slots[REARM_READERS];
+    uint64_t got[REARM_READERS] = {0};
+    int done = 0, first = 1;
+    for (int i = 0; i < REARM_READERS; i++)
+        slots[i] = (rearm_slot_t){x, i};
+    while (done < REARM_READERS) {
+        int todo[REARM_READERS];
+        pthread_mutex_lock(&x->mu);
+        if (!first) {
+            int any = 0;
+            for (int i = 0; i < REARM_READERS; i++)
+                any |= x->ready[i];
+            while (!any) {
+                pthread_cond_wait(&x->cv, &x->mu);
+                for (int i = 0; i < REARM_READERS; i++)
+                    any |= x->ready[i];
+            }
+        }
+        for (int i = 0; i < REARM_READERS; i++) {
+            todo[i] = first || x->ready[i];
+            x->ready[i] = 0;
+        }
+        pthread_mutex_unlock(&x->mu);
+        for (int i = 0; i < REARM_READERS; i++) {
+            if (!todo[i] || !x->r[i])
+                continue;
+            for (;;) {
+                const void *d;
+                size_t n;
+                int rc = flight_peek(x->r[i], 0, &d, &n, NULL);
+                if (rc == 0) {
+                    ck_assert(test_check(d, 185, got[i], n));
+                    got[i] += n;
+                    ck_assert_int_eq(flight_consume(x->r[i], n), 0);
+                    continue;
+                }
+                if (rc == COALESCE_EAGAIN &&
+                    flight_reader_notify(x->r[i], rearm_cb, &slots[i]) == 1)
+                    continue;
+                if (rc != COALESCE_EAGAIN) {
+                    ck_assert_int_eq(rc, COALESCE_EOF);
+                    ck_assert_uint_eq(got[i], REARM_WRITES * KiB);
+                    flight_reader_close(x->r[i]);
+                    x->r[i] = NULL;
+                    done++;
+                }
+                break;
+            }
+        }
+        if (first)
+            counter_add(&x->armed, 1);
+        first = 0;
+    }
+    return NULL;
+}
+
+START_TEST(test_review_many_armed_rearm)
+{
+    LEAK_START();
+    flight_group_t *g = group_with(FLIGHT_UNLIMITED, FLIGHT_UNLIMITED, 0,
+                                   FLIGHT_ORPHAN_CONTINUE);
+    rearm_t x;
+    memset(&x, 0, sizeof(x));
+    pthread_mutex_init(&x.mu, NULL);
+    pthread_cond_init(&x.cv, NULL);
+    counter_init(&x.armed);
+    fetch_ctx_t f;
+    fetch_init(&f, F_ASYNC, 185, 0);
+    flight_reader_t *l = join(g, "rearm", &f, 0);
+    flight_writer_t *w = writer_of(&f);
+    for (int i = 0; i < REARM_READERS; i++)
+        x.r[i] = join(g, "rearm", &f, 1);
+    flight_reader_close(l);
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, rearm_owner, &x), 0);
+    counter_wait(&x.armed, 1);
+    for (int k = 0; k < REARM_WRITES; k++)
+        ck_assert_int_eq(write_pattern(w, 185, (uint64_t)k * KiB, KiB, KiB), 0);
+    ck_assert_int_eq(flight_end(w, 0), 0);
+    flight_writer_release(w);
+    pthread_join(t, NULL);
+    /* At most one callback per reader per event (writes and the end). */
+    ck_assert_int_le(atomic_load(&x.callbacks),
+                     (long)REARM_READERS * (REARM_WRITES + 1));
+    counter_destroy(&x.armed);
+    pthread_cond_destroy(&x.cv);
+    pthread_mutex_destroy(&x.mu);
+    FINISH(g);
+}
+END_TEST
+
 Suite *make_flight_suite(void)
 {
     Suite *s = suite_create("flight");
@@ -3135,6 +3351,13 @@ Suite *make_flight_suite(void)
     tcase_add_test(tc, test_notify_from_writer_thread);
     tcase_add_test(tc, test_notify_never_after_close);
     tcase_add_test(tc, test_notify_close_from_callback);
+
+    tc = tcase(s, "review regressions", 10);
+    tcase_add_test(tc, test_review_release_inside_callback);
+    tcase_add_test(tc, test_review_leader_async_lag_bounded);
+    tcase_add_test(tc, test_review_end_status_translation);
+    tcase_add_test(tc, test_review_ready_disarms);
+    tcase_add_test(tc, test_review_many_armed_rearm);
 
     tc = tcase(s, "group closed in fetch", 5);
     tcase_add_test(tc, test_fetch_closes_group);

@@ -33,13 +33,17 @@
  *  - No artificial delay: a leader without waiters pays for a hash lookup and
  *    two short critical sections, nothing more.
  *
- * Memory bound. A flight holds at most max(max_lag, retain_limit) bytes plus
- * the segment being written, with one exception: while the leader's fetch
- * callback runs synchronously on the leader's thread, the leader's own reader
- * cannot read, so it is not detached for that lag and the flight holds what
- * the callback wrote. Hosts producing large bodies should write them from
- * another thread or after returning FLIGHT_FETCH_ASYNC (the usual case with
- * an event loop), where max_lag applies to every reader.
+ * Memory bound. A reader is detached once it is more than max_lag bytes
+ * behind the start of the newest write (so one large write detaches nobody
+ * who had caught up). A flight therefore holds at most
+ * max(max_lag, retain_limit) bytes plus two writes (the one the slowest
+ * reader is inside and the newest), plus about 100 bytes of bookkeeping per
+ * write. One exception: while the leader's fetch callback runs on the
+ * leader's thread, the leader's own reader cannot read, so it is not
+ * detached for that backlog, then or afterwards (it is allowed max_lag on
+ * top of what the callback wrote before returning). Hosts producing large
+ * bodies should write them from another thread or after returning
+ * FLIGHT_FETCH_ASYNC (the usual case with an event loop).
  *
  * Keys are bytes chosen by the host (NUL bytes allowed, 1 byte to 1 MiB).
  * Put into the key everything that changes the response's shape: method
@@ -121,9 +125,11 @@ typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
  * @brief One-shot readiness notification, armed by flight_reader_notify().
  *
  * Runs on whichever thread made the reader ready (usually the writer's), with
- * no library lock held. It must not block: signal the reader's owner
- * (uv_async_send(), a condition variable, an eventfd) and return. The only
- * reader function it may call on @p r is flight_reader_close(). When more
+ * no library lock held, never inside a call on @p r itself. It must not
+ * block: signal the reader's owner (uv_async_send(), a condition variable,
+ * an eventfd) and return. The only reader function it may call on @p r is
+ * flight_reader_close(), and only if the reader's owner is not using it at
+ * that moment (typically: the owner is this thread). When more
  * than 64 readers of one flight are armed at once, a reader that re-arms
  * quickly may get a spurious notification: read, and re-arm if nothing was
  * there.
@@ -190,9 +196,10 @@ COALESCE_API int flight_group_new(flight_group_t **out,
  *
  * Flights in progress are not disturbed: their readers and writers stay
  * valid and must still be closed and released. The group's memory is freed
- * when the last of them is gone. flight_do() calls that race with the close,
- * or that a fetch or notify callback of a live flight makes, return
- * COALESCE_ECLOSING; calls made once @p g may be freed are a usage error.
+ * when the last of them is gone. flight_do() calls made from a fetch or
+ * notify callback of a flight still alive return COALESCE_ECLOSING; any
+ * other call must not overlap or follow this one (the group may be freed
+ * before it returns).
  * NULL is a no-op. Closing twice is a usage error (the group may already be
  * freed).
  * Thread safety: yes.
@@ -288,12 +295,15 @@ COALESCE_API int flight_write_buf(flight_writer_t *w,
 
 /**
  * @brief End the stream: 0 for a complete body, a negative code for a failed
- *        one (COALESCE_EOF counts as 0). Readers get it after every byte
- *        written before it.
+ *        one. Readers get it after every byte written before it.
+ *
+ * Two codes that readers use for a live stream are translated: COALESCE_EOF
+ * counts as 0 and COALESCE_EAGAIN becomes COALESCE_EUPSTREAM (the same
+ * holds for a fetch callback's return value).
  *
  * The key becomes free at once: the next flight_do() starts a new flight.
- * The writer stays valid (later writes return COALESCE_EINVAL) until it is
- * released.
+ * The writer stays valid (later writes return COALESCE_EINVAL, or
+ * FLIGHT_ECANCELED after a cancel) until it is released.
  * @return 0; COALESCE_EINVAL (NULL writer, positive status, already ended);
  *         FLIGHT_ECANCELED if the flight had already been canceled (the
  *         readers got that).
