@@ -269,6 +269,19 @@ join(flight_group_t *g, const char *key, fetch_ctx_t *f, int want_shared)
 
 /* --- Reading -------------------------------------------------------------- */
 
+/* An ASYNC flight on key: returns the leader's reader; its writer in *w. */
+static flight_reader_t *async_flight(flight_group_t *g,
+                                     const char *key,
+                                     fetch_ctx_t *f,
+                                     uint64_t seed,
+                                     flight_writer_t **w)
+{
+    fetch_init(f, F_ASYNC, seed, 0);
+    flight_reader_t *l = join(g, key, f, 0);
+    *w = writer_of(f);
+    return l;
+}
+
 typedef struct body {
     uint64_t seed;
     const unsigned char *bytes; /* the whole body, when precomputed */
@@ -834,9 +847,8 @@ START_TEST(test_fl4_peeked_bytes_survive_detach)
     flight_group_t *g =
         group_with(64 * KiB, 16 * KiB, 0, FLIGHT_ORPHAN_CONTINUE);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 43, 0);
-    flight_reader_t *a = join(g, "peek-lag", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *a = async_flight(g, "peek-lag", &f, 43, &w);
     flight_reader_t *b = join(g, "peek-lag", &f, 1);
     ck_assert_int_eq(write_pattern(w, f.seed, 0, 16 * KiB, 16 * KiB), 0);
 
@@ -955,9 +967,8 @@ START_TEST(test_fl5_orphan_cancel)
     flight_group_t *g =
         group_with(DEFAULT_MAX_LAG, DEFAULT_RETAIN, 0, FLIGHT_ORPHAN_CANCEL);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 53, 0);
-    flight_reader_t *lead = join(g, "orphan", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *lead = async_flight(g, "orphan", &f, 53, &w);
     flight_reader_t *j = join(g, "orphan", &f, 1);
     ck_assert_int_eq(write_pattern(w, f.seed, 0, 1000, 1000), 0);
     ck_assert_uint_eq(flight_writer_readers(w), 2);
@@ -1000,9 +1011,8 @@ START_TEST(test_fl5_orphan_by_detach)
     LEAK_START();
     flight_group_t *g = group_with(4 * KiB, 4 * KiB, 0, FLIGHT_ORPHAN_CANCEL);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 55, 0);
-    flight_reader_t *lead = join(g, "orphan-lag", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *lead = async_flight(g, "orphan-lag", &f, 55, &w);
     flight_reader_t *j = join(g, "orphan-lag", &f, 1);
     flight_reader_close(lead);
     ck_assert_uint_eq(flight_writer_readers(w), 1);
@@ -2284,9 +2294,8 @@ START_TEST(test_zero_copy_peek)
     const size_t off = 100, len = 30000;
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 151, 0);
-    flight_reader_t *l = join(g, "zc", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *l = async_flight(g, "zc", &f, 151, &w);
     flight_reader_t *j1 = join(g, "zc", &f, 1);
     flight_reader_t *j2 = join(g, "zc", &f, 1);
 
@@ -2422,9 +2431,8 @@ START_TEST(test_notify_basic)
     LEAK_START();
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 161, 0);
-    flight_reader_t *r = join(g, "notify", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *r = async_flight(g, "notify", &f, 161, &w);
     notify_ctx_t n, n1, n2;
     notify_init(&n);
     notify_init(&n1);
@@ -2476,9 +2484,8 @@ START_TEST(test_notify_detach_and_error)
     flight_group_t *g =
         group_with(64 * KiB, 16 * KiB, 0, FLIGHT_ORPHAN_CONTINUE);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 162, 0);
-    flight_reader_t *l = join(g, "nd", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *l = async_flight(g, "nd", &f, 162, &w);
     flight_reader_t *j = join(g, "nd", &f, 1);
     notify_ctx_t nl, nj;
     notify_init(&nl);
@@ -2535,9 +2542,8 @@ START_TEST(test_notify_body_reader_without_meta)
     LEAK_START();
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 165, 0);
-    flight_reader_t *r = join(g, "nometa-notify", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *r = async_flight(g, "nometa-notify", &f, 165, &w);
     notify_ctx_t n;
     notify_init(&n);
     ck_assert_int_eq(write_pattern(w, f.seed, 0, 1000, 1000), 0);
@@ -2584,9 +2590,8 @@ START_TEST(test_notify_from_writer_thread)
     LEAK_START();
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 163, 0);
-    flight_reader_t *r = join(g, "nt", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *r = async_flight(g, "nt", &f, 163, &w);
     notify_ctx_t n;
     notify_init(&n);
     ck_assert_int_eq(flight_reader_notify(r, notify_cb, &n), 0);
@@ -2846,9 +2851,8 @@ START_TEST(test_handoff_and_timeouts)
     LEAK_START();
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 191, 0);
-    flight_reader_t *r = join(g, "handoff", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *r = async_flight(g, "handoff", &f, 191, &w);
     unsigned char buf[128];
     size_t n = 0;
     const void *d = NULL;
@@ -3086,9 +3090,8 @@ START_TEST(test_review_end_status_translation)
     LEAK_START();
     flight_group_t *g = group_default();
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 181, 0);
-    flight_reader_t *r = join(g, "eagain", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *r = async_flight(g, "eagain", &f, 181, &w);
     ck_assert_int_eq(flight_end(w, COALESCE_EAGAIN), 0);
     flight_writer_release(w);
     const void *m;
@@ -3124,9 +3127,8 @@ START_TEST(test_review_ready_disarms)
     flight_group_t *g =
         group_with(DEFAULT_MAX_LAG, DEFAULT_RETAIN, 20, FLIGHT_ORPHAN_CONTINUE);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 184, 0);
-    flight_reader_t *l = join(g, "disarm", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *l = async_flight(g, "disarm", &f, 184, &w);
     flight_reader_t *j = join(g, "disarm", &f, 1);
     notify_ctx_t a, b;
     notify_init(&a);
@@ -3250,9 +3252,8 @@ START_TEST(test_review_many_armed_rearm)
     pthread_cond_init(&x.cv, NULL);
     counter_init(&x.armed);
     fetch_ctx_t f;
-    fetch_init(&f, F_ASYNC, 185, 0);
-    flight_reader_t *l = join(g, "rearm", &f, 0);
-    flight_writer_t *w = writer_of(&f);
+    flight_writer_t *w;
+    flight_reader_t *l = async_flight(g, "rearm", &f, 185, &w);
     for (int i = 0; i < REARM_READERS; i++)
         x.r[i] = join(g, "rearm", &f, 1);
     flight_reader_close(l);
