@@ -1248,6 +1248,7 @@ int flight_read(
     post_init(&p);
     p.notes.self = r; /* It learns from the return value. */
     size_t total = 0;
+    coalesce_buf_t *late_pin = NULL;
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
     int rc = reader_wait(r, timeout_ms, false, &p);
@@ -1269,12 +1270,10 @@ int flight_read(
         r->off += n;
         sh->st.bytes_delivered += n;
         if (r->status) {
-            /* Detached while copying: the copied bytes count as read. */
-            coalesce_buf_t *pin = r->pin;
+            /* Detached while copying: the copied bytes count as read, and
+             * the pin that kept them alive goes after the unlock. */
+            late_pin = r->pin;
             r->pin = NULL;
-            pthread_mutex_unlock(&sh->mu);
-            coalesce_buf_unref(pin);
-            pthread_mutex_lock(&sh->mu);
             break;
         }
         r->pos += n;
@@ -1283,6 +1282,7 @@ int flight_read(
         rc = reader_poll(r, &p);
     }
     pthread_mutex_unlock(&sh->mu);
+    coalesce_buf_unref(late_pin);
     post_run(sh, &p);
     *nread = total;
     return total ? 0 : rc;
