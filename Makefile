@@ -179,7 +179,7 @@ demo: deps-test $(BUILD)/examples/threads
 
 # --- Benchmarks ----------------------------------------------------------------
 
-$(BUILD)/bench/%: test/bench/%.c $(STLIB) $(HDRS)
+$(BUILD)/bench/%: test/bench/%.c test/bench/bench.h $(STLIB) $(HDRS)
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -o $@ $< $(STLIB) $(LIBS) \
@@ -234,7 +234,7 @@ uninstall:
 # --- Housekeeping ----------------------------------------------------------------
 
 FORMAT_FILES = $(wildcard include/*.h include/coalesce/*.h lib/*.[ch] \
-	test/*.[ch] test/bench/*.c examples/*.c)
+	test/*.[ch] test/bench/*.[ch] examples/*.c)
 format:
 	clang-format -i $(FORMAT_FILES)
 format-check:

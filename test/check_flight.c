@@ -20,80 +20,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-#define KiB ((size_t)1024)
-#define MiB (1024 * KiB)
 
 /* Defaults documented in flight.h. */
 #define DEFAULT_MAX_LAG ((uint64_t)64 * MiB)
 #define DEFAULT_RETAIN  ((uint64_t)16 * MiB)
 
-#define LEAK_START() const long leak_base_ = test_alloc_live()
-#define LEAK_CHECK() ck_assert_int_eq(test_alloc_live(), leak_base_)
-/* End of a test: nothing in flight, the group closed, nothing leaked. */
-#define FINISH(g)                                                              \
-    do {                                                                       \
-        assert_idle(g);                                                        \
-        flight_group_close(g);                                                 \
-        LEAK_CHECK();                                                          \
-    } while (0)
-
-/* An address that no library object has: "untouched" out-parameters. */
-static char sentinel_byte;
-#define SENTINEL(T) ((T *)(void *)&sentinel_byte)
-
-/* Checked fixture: no failure injection left over from another test. */
-static void reset_state(void)
-{
-    test_alloc_fail_after(-1);
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* --- Counters: a value that threads add to and wait on -------------------- */
-
-typedef struct counter {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    long n;
-} counter_t;
-
-static void counter_init(counter_t *c)
-{
-    pthread_mutex_init(&c->mu, NULL);
-    pthread_cond_init(&c->cv, NULL);
-    c->n = 0;
-}
-
-static void counter_destroy(counter_t *c)
-{
-    pthread_cond_destroy(&c->cv);
-    pthread_mutex_destroy(&c->mu);
-}
-
-static void counter_add(counter_t *c, long d)
-{
-    pthread_mutex_lock(&c->mu);
-    c->n += d;
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->mu);
-}
-
-static void counter_wait(counter_t *c, long v)
-{
-    pthread_mutex_lock(&c->mu);
-    while (c->n < v)
-        pthread_cond_wait(&c->cv, &c->mu);
-    pthread_mutex_unlock(&c->mu);
-}
-
-/* --- Groups and stats ----------------------------------------------------- */
+/* --- Groups and bodies ---------------------------------------------------- */
 
 static flight_group_t *
 group_with(uint64_t max_lag, uint64_t retain, uint32_t wait_ms, int policy)
@@ -104,72 +36,7 @@ group_with(uint64_t max_lag, uint64_t retain, uint32_t wait_ms, int policy)
     o.retain_limit = retain;
     o.wait_timeout_ms = wait_ms;
     o.orphan_policy = policy;
-    flight_group_t *g = NULL;
-    ck_assert_int_eq(flight_group_new(&g, &o), 0);
-    ck_assert_ptr_nonnull(g);
-    return g;
-}
-
-static flight_group_t *group_default(void)
-{
-    flight_group_t *g = NULL;
-    ck_assert_int_eq(flight_group_new(&g, NULL), 0);
-    ck_assert_ptr_nonnull(g);
-    return g;
-}
-
-static flight_stats_t stats_of(flight_group_t *g)
-{
-    flight_stats_t s;
-    memset(&s, 0xA5, sizeof(s));
-    ck_assert_int_eq(flight_group_stats(g, &s, sizeof(s)), 0);
-    return s;
-}
-
-/* The gauges that must be zero once every flight is over and closed. */
-static void assert_idle(flight_group_t *g)
-{
-    flight_stats_t s = stats_of(g);
-    ck_assert_uint_eq(s.flights_active, 0);
-    ck_assert_uint_eq(s.readers_open, 0);
-    ck_assert_uint_eq(s.segments_held, 0);
-    ck_assert_uint_eq(s.bytes_held, 0);
-}
-
-/* --- Writing -------------------------------------------------------------- */
-
-/* Writes pattern bytes [off, off + len) in chunks; the first failure. */
-static int write_pattern(
-    flight_writer_t *w, uint64_t seed, uint64_t off, size_t len, size_t chunk)
-{
-    unsigned char *tmp = malloc(chunk);
-    if (!tmp)
-        return COALESCE_ENOMEM;
-    int rc = 0;
-    for (size_t done = 0; done < len && rc == 0;) {
-        size_t n = len - done < chunk ? len - done : chunk;
-        test_fill(tmp, seed, off + done, n);
-        rc = flight_write(w, tmp, n);
-        done += n;
-    }
-    free(tmp);
-    return rc;
-}
-
-/* Writes bytes [off, off + len) of a precomputed body in chunks. */
-static int write_slices(flight_writer_t *w,
-                        const unsigned char *body,
-                        size_t off,
-                        size_t len,
-                        size_t chunk)
-{
-    int rc = 0;
-    for (size_t done = 0; done < len && rc == 0;) {
-        size_t n = len - done < chunk ? len - done : chunk;
-        rc = flight_write(w, body + off + done, n);
-        done += n;
-    }
-    return rc;
+    return group_with_opts(&o);
 }
 
 static unsigned char *pattern_new(uint64_t seed, size_t len)
@@ -179,95 +46,6 @@ static unsigned char *pattern_new(uint64_t seed, size_t len)
     test_fill(p, seed, 0, len);
     return p;
 }
-
-/* --- The fetch callback --------------------------------------------------- */
-
-enum fetch_mode {
-    F_BODY,  /* sync: optional meta, the body, optional end; returns ret */
-    F_ASYNC, /* keeps the writer in ->w, returns FLIGHT_FETCH_ASYNC */
-    F_RET    /* returns ret without touching the writer */
-};
-
-typedef struct fetch_ctx {
-    atomic_int calls;
-    int mode;
-    uint64_t seed;
-    size_t len;
-    size_t chunk;
-    const char *meta;
-    bool end;
-    int status;
-    int ret;
-    const unsigned char *body; /* F_BODY: write these bytes if not NULL */
-    counter_t *gate;           /* wait for gate >= gate_n first */
-    long gate_n;
-    flight_group_t *close_group; /* flight_group_close() it first */
-    _Atomic(flight_writer_t *) w;
-    atomic_int bad_rc; /* a writer call that failed in F_BODY */
-    pthread_t thread;  /* where the first call ran */
-} fetch_ctx_t;
-
-static void fetch_init(fetch_ctx_t *f, int mode, uint64_t seed, size_t len)
-{
-    memset(f, 0, sizeof(*f));
-    atomic_init(&f->calls, 0);
-    atomic_init(&f->w, NULL);
-    atomic_init(&f->bad_rc, 0);
-    f->mode = mode;
-    f->seed = seed;
-    f->len = len;
-    f->chunk = 16 * KiB;
-    f->end = true;
-    f->status = 0;
-    f->ret = FLIGHT_FETCH_DONE;
-}
-
-static int fetch_cb(flight_writer_t *w, void *data)
-{
-    fetch_ctx_t *f = data;
-    if (atomic_fetch_add(&f->calls, 1) == 0)
-        f->thread = pthread_self();
-    if (f->gate)
-        counter_wait(f->gate, f->gate_n);
-    if (f->close_group)
-        flight_group_close(f->close_group);
-    if (f->mode == F_ASYNC) {
-        atomic_store(&f->w, w);
-        return FLIGHT_FETCH_ASYNC;
-    }
-    if (f->mode == F_RET)
-        return f->ret;
-    int rc = 0;
-    if (f->meta)
-        rc = flight_set_meta(w, f->meta, strlen(f->meta));
-    if (rc == 0)
-        rc = f->body ? write_slices(w, f->body, 0, f->len, f->chunk)
-                     : write_pattern(w, f->seed, 0, f->len, f->chunk);
-    if (rc == 0 && f->end)
-        rc = flight_end(w, f->status);
-    if (rc != 0)
-        atomic_store(&f->bad_rc, rc);
-    return f->ret;
-}
-
-static flight_writer_t *writer_of(fetch_ctx_t *f)
-{
-    flight_writer_t *w = atomic_load(&f->w);
-    ck_assert_ptr_nonnull(w);
-    return w;
-}
-
-static flight_reader_t *
-join(flight_group_t *g, const char *key, fetch_ctx_t *f, int want_shared)
-{
-    flight_reader_t *r = NULL;
-    ck_assert_int_eq(flight_do(g, key, strlen(key), fetch_cb, f, &r), 0);
-    ck_assert_ptr_nonnull(r);
-    ck_assert_int_eq(flight_reader_shared(r), want_shared);
-    return r;
-}
-
-/* --- Reading -------------------------------------------------------------- */
 
 /* An ASYNC flight on key: returns the leader's reader; its writer in *w. */
 static flight_reader_t *async_flight(flight_group_t *g,
@@ -280,143 +58,6 @@ static flight_reader_t *async_flight(flight_group_t *g,
     flight_reader_t *l = join(g, key, f, 0);
     *w = writer_of(f);
     return l;
-}
-
-typedef struct body {
-    uint64_t seed;
-    const unsigned char *bytes; /* the whole body, when precomputed */
-    uint64_t len;
-} body_t;
-
-static bool
-body_match(const body_t *b, const unsigned char *buf, uint64_t off, size_t n)
-{
-    if (b->bytes)
-        return off <= b->len && n <= b->len - off &&
-               memcmp(buf, b->bytes + off, n) == 0;
-    return test_check(buf, b->seed, off, n) == 1;
-}
-
-typedef struct readres {
-    int status;   /* what ended the loop: 0 (limit reached) or a code */
-    uint64_t got; /* bytes returned */
-    bool ok;      /* all matched, no 0-byte success, no overrun */
-} readres_t;
-
-/*
- * Reads with flight_read from body offset start until a non-zero return or
- * until limit bytes were read (then status 0).
- */
-static readres_t read_upto(flight_reader_t *r,
-                           const body_t *b,
-                           uint64_t start,
-                           uint64_t limit,
-                           size_t cap,
-                           int timeout_ms)
-{
-    readres_t res = {0, 0, true};
-    unsigned char *buf = malloc(cap + 16);
-    if (!buf) {
-        res.ok = false;
-        res.status = COALESCE_ENOMEM;
-        return res;
-    }
-    while (res.got < limit) {
-        size_t want = limit - res.got < cap ? (size_t)(limit - res.got) : cap;
-        size_t n = (size_t)-1;
-        memset(buf + want, 0x5A, 16);
-        int rc = flight_read(r, buf, want, timeout_ms, &n);
-        if (rc != 0) {
-            res.status = rc;
-            break;
-        }
-        for (int i = 0; i < 16; i++)
-            if (buf[want + i] != 0x5A)
-                res.ok = false;
-        if (n == 0 || n > want) {
-            res.ok = false;
-            res.status = 1;
-            break;
-        }
-        if (!body_match(b, buf, start + res.got, n))
-            res.ok = false;
-        res.got += n;
-    }
-    free(buf);
-    return res;
-}
-
-static readres_t read_all(flight_reader_t *r, const body_t *b, uint64_t start)
-{
-    return read_upto(r, b, start, UINT64_MAX, 7001, -1);
-}
-
-/* Non-blocking drain: reads until COALESCE_EAGAIN or an end. */
-static readres_t drain(flight_reader_t *r, const body_t *b, uint64_t start)
-{
-    return read_upto(r, b, start, UINT64_MAX, 64 * KiB, 0);
-}
-
-/*
- * Reads the whole body with flight_peek/flight_consume, consuming every
- * other peek only in part (one consume per peek).
- */
-static readres_t peek_all(flight_reader_t *r, const body_t *b, uint64_t start)
-{
-    readres_t res = {0, 0, true};
-    bool split = true;
-    for (;;) {
-        const void *d = NULL;
-        size_t n = 0;
-        coalesce_buf_t *owner = NULL;
-        int rc = flight_peek(r, -1, &d, &n, &owner);
-        if (rc != 0) {
-            res.status = rc;
-            break;
-        }
-        if (!d || n == 0 || !owner) {
-            res.ok = false;
-            res.status = 1;
-            break;
-        }
-        const unsigned char *od = coalesce_buf_data(owner);
-        const unsigned char *p = d;
-        if (p < od || p + n > od + coalesce_buf_len(owner))
-            res.ok = false;
-        if (!body_match(b, p, start + res.got, n))
-            res.ok = false;
-        size_t take = split && n > 1 ? n / 2 : n;
-        split = !split;
-        if (flight_consume(r, take) != 0) {
-            res.ok = false;
-            res.status = 1;
-            break;
-        }
-        res.got += take;
-    }
-    return res;
-}
-
-#define PAT(s) (&(body_t){.seed = (s)})
-
-#define ASSERT_BODY(res, want_status, want_len)                                \
-    do {                                                                       \
-        readres_t res_ = (res);                                                \
-        ck_assert_int_eq(res_.status, (want_status));                          \
-        ck_assert_uint_eq(res_.got, (want_len));                               \
-        ck_assert_int_eq(res_.ok, 1);                                          \
-    } while (0)
-
-/* The reader returns its terminal status again, with no further bytes. */
-static void assert_terminal(flight_reader_t *r, int status)
-{
-    unsigned char buf[64];
-    size_t n = 12345;
-    ck_assert_int_eq(flight_read(r, buf, sizeof(buf), -1, &n), status);
-    ck_assert_int_eq(flight_read(r, buf, sizeof(buf), 0, &n), status);
-    const void *d = NULL;
-    size_t len = 0;
-    ck_assert_int_eq(flight_peek(r, 0, &d, &len, NULL), status);
 }
 
 /* --- FL-1: collapse ------------------------------------------------------- */
@@ -462,9 +103,7 @@ static void *collapse_thread(void *p)
         a->meta_ok = true;
     }
     a->res = read_all(r, PAT(a->seed), 0);
-    unsigned char b[8];
-    size_t n = 0;
-    a->again_rc = flight_read(r, b, sizeof(b), 0, &n);
+    a->again_rc = read_again(r, 0);
     flight_reader_close(r);
     return NULL;
 }
@@ -632,9 +271,7 @@ static void *stream_waiter(void *p)
     a->first = read_upto(r, PAT(a->f->seed), 0, a->half, 3000, -1);
     counter_add(a->half_read, 1);
     a->rest = read_all(r, PAT(a->f->seed), a->first.got);
-    unsigned char b[4];
-    size_t n = 0;
-    a->again_rc = flight_read(r, b, sizeof(b), -1, &n);
+    a->again_rc = read_again(r, -1);
     flight_reader_close(r);
     return NULL;
 }
@@ -1527,7 +1164,7 @@ START_TEST(test_fl9_zero_waiters_no_delay)
     fetch_ctx_t f;
     fetch_init(&f, F_BODY, 91, 4 * KiB);
     f.meta = "204";
-    int64_t t0 = now_ms();
+    double t0 = now_ms();
     for (int i = 0; i < 20; i++) {
         flight_reader_t *r = join(g, "alone", &f, 0);
         ck_assert_int_eq(flight_reader_deadline_ms(r), -1);
@@ -1535,7 +1172,7 @@ START_TEST(test_fl9_zero_waiters_no_delay)
         ASSERT_BODY(read_all(r, PAT(f.seed), 0), COALESCE_EOF, f.len);
         flight_reader_close(r);
     }
-    int64_t elapsed = now_ms() - t0;
+    int64_t elapsed = (int64_t)(now_ms() - t0);
     /* A generous bound: far below one wait_timeout for 20 flights. */
     ck_assert_int_lt(elapsed, wait_ms / 2);
     ck_assert_int_eq(atomic_load(&f.calls), 20);
@@ -2056,8 +1693,6 @@ END_TEST
 
 /* --- Allocation failures -------------------------------------------------- */
 
-#define MAX_INJECT 500
-
 START_TEST(test_alloc_group_new)
 {
     LEAK_START();
@@ -2381,50 +2016,6 @@ START_TEST(test_zero_copy_peek)
 END_TEST
 
 /* --- Notify --------------------------------------------------------------- */
-
-typedef struct notify_ctx {
-    atomic_int fired;
-    _Atomic(flight_reader_t *) reader;
-    pthread_t thread; /* read after a join or on the same thread */
-    bool close_self;
-    bool spin; /* widen the window in which a close must wait */
-    atomic_int closed;
-    atomic_int in_cb;
-    atomic_int *violations;
-    counter_t *signal;
-} notify_ctx_t;
-
-static void notify_init(notify_ctx_t *n)
-{
-    memset(n, 0, sizeof(*n));
-    atomic_init(&n->fired, 0);
-    atomic_init(&n->reader, NULL);
-    atomic_init(&n->closed, 0);
-    atomic_init(&n->in_cb, 0);
-}
-
-static void notify_cb(flight_reader_t *r, void *data)
-{
-    notify_ctx_t *n = data;
-    atomic_store(&n->in_cb, 1);
-    if (n->violations && atomic_load(&n->closed))
-        atomic_fetch_add(n->violations, 1);
-    atomic_store(&n->reader, r);
-    n->thread = pthread_self();
-    if (n->spin)
-        for (volatile int k = 0; k < 20000; k = k + 1) {
-        }
-    if (n->close_self) {
-        flight_reader_close(r);
-        atomic_store(&n->closed, 1);
-    }
-    atomic_fetch_add(&n->fired, 1);
-    if (n->violations && atomic_load(&n->closed))
-        atomic_fetch_add(n->violations, 1);
-    atomic_store(&n->in_cb, 0);
-    if (n->signal)
-        counter_add(n->signal, 1);
-}
 
 START_TEST(test_notify_basic)
 {
@@ -3013,17 +2604,6 @@ START_TEST(test_high_concurrency)
 }
 END_TEST
 
-/* --- Suite ---------------------------------------------------------------- */
-
-static TCase *tcase(Suite *s, const char *name, double timeout)
-{
-    TCase *tc = tcase_create(name);
-    tcase_add_checked_fixture(tc, reset_state, NULL);
-    tcase_set_timeout(tc, test_timeout(timeout));
-    suite_add_tcase(s, tc);
-    return tc;
-}
-
 /* --- Regressions found in review -------------------------------------- */
 
 /* The callback ends and releases its writer, then (wrongly but harmlessly)
@@ -3274,6 +2854,8 @@ START_TEST(test_review_many_armed_rearm)
     FINISH(g);
 }
 END_TEST
+
+/* --- Suite ---------------------------------------------------------------- */
 
 Suite *make_flight_suite(void)
 {

@@ -13,6 +13,7 @@ int main(void)
     SRunner *sr = srunner_create(make_common_suite());
     srunner_add_suite(sr, make_buf_suite());
     srunner_add_suite(sr, make_flight_suite());
+    srunner_add_suite(sr, make_range_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -3,6 +3,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static atomic_long live;
 static atomic_long count;
@@ -112,4 +113,336 @@ double test_timeout(double seconds)
 {
     const char *v = getenv("CK_VALGRIND");
     return v && *v == '1' ? seconds * 20 : seconds;
+}
+
+/* --- Test fixtures (check_flight.c, check_range.c) ------------------------ */
+
+char test_sentinel_byte;
+
+void reset_state(void)
+{
+    test_alloc_fail_after(-1);
+}
+
+TCase *tcase(Suite *s, const char *name, double timeout)
+{
+    TCase *tc = tcase_create(name);
+    tcase_add_checked_fixture(tc, reset_state, NULL);
+    tcase_set_timeout(tc, test_timeout(timeout));
+    suite_add_tcase(s, tc);
+    return tc;
+}
+
+double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+/* --- Counters ------------------------------------------------------------- */
+
+void counter_init(counter_t *c)
+{
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    c->n = 0;
+}
+
+void counter_destroy(counter_t *c)
+{
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
+}
+
+void counter_add(counter_t *c, long d)
+{
+    pthread_mutex_lock(&c->mu);
+    c->n += d;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+void counter_wait(counter_t *c, long v)
+{
+    pthread_mutex_lock(&c->mu);
+    while (c->n < v)
+        pthread_cond_wait(&c->cv, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* --- Groups and stats ----------------------------------------------------- */
+
+flight_group_t *group_with_opts(const flight_opts_t *o)
+{
+    flight_group_t *g = NULL;
+    ck_assert_int_eq(flight_group_new(&g, o), 0);
+    ck_assert_ptr_nonnull(g);
+    return g;
+}
+
+flight_group_t *group_default(void)
+{
+    return group_with_opts(NULL);
+}
+
+flight_stats_t stats_of(flight_group_t *g)
+{
+    flight_stats_t s;
+    memset(&s, 0xA5, sizeof(s));
+    ck_assert_int_eq(flight_group_stats(g, &s, sizeof(s)), 0);
+    return s;
+}
+
+void assert_idle(flight_group_t *g)
+{
+    flight_stats_t s = stats_of(g);
+    ck_assert_uint_eq(s.flights_active, 0);
+    ck_assert_uint_eq(s.readers_open, 0);
+    ck_assert_uint_eq(s.segments_held, 0);
+    ck_assert_uint_eq(s.bytes_held, 0);
+}
+
+/* --- Writing -------------------------------------------------------------- */
+
+int write_pattern(
+    flight_writer_t *w, uint64_t seed, uint64_t off, uint64_t len, size_t piece)
+{
+    unsigned char *tmp = malloc(piece);
+    if (!tmp)
+        return COALESCE_ENOMEM;
+    int rc = 0;
+    for (uint64_t done = 0; done < len && rc == 0;) {
+        size_t n = len - done < piece ? (size_t)(len - done) : piece;
+        test_fill(tmp, seed, off + done, n);
+        rc = flight_write(w, tmp, n);
+        done += n;
+    }
+    free(tmp);
+    return rc;
+}
+
+int write_slices(flight_writer_t *w,
+                 const unsigned char *body,
+                 size_t off,
+                 size_t len,
+                 size_t piece)
+{
+    int rc = 0;
+    for (size_t done = 0; done < len && rc == 0;) {
+        size_t n = len - done < piece ? len - done : piece;
+        rc = flight_write(w, body + off + done, n);
+        done += n;
+    }
+    return rc;
+}
+
+/* --- The object fetch callback -------------------------------------------- */
+
+void fetch_init(fetch_ctx_t *f, int mode, uint64_t seed, size_t len)
+{
+    memset(f, 0, sizeof(*f));
+    atomic_init(&f->calls, 0);
+    atomic_init(&f->w, NULL);
+    atomic_init(&f->bad_rc, 0);
+    f->mode = mode;
+    f->seed = seed;
+    f->len = len;
+    f->chunk = 16 * KiB;
+    f->end = true;
+    f->status = 0;
+    f->ret = FLIGHT_FETCH_DONE;
+}
+
+int fetch_cb(flight_writer_t *w, void *data)
+{
+    fetch_ctx_t *f = data;
+    if (atomic_fetch_add(&f->calls, 1) == 0)
+        f->thread = pthread_self();
+    if (f->gate)
+        counter_wait(f->gate, f->gate_n);
+    if (f->close_group)
+        flight_group_close(f->close_group);
+    if (f->mode == F_ASYNC) {
+        atomic_store(&f->w, w);
+        return FLIGHT_FETCH_ASYNC;
+    }
+    if (f->mode == F_RET)
+        return f->ret;
+    int rc = 0;
+    if (f->meta)
+        rc = flight_set_meta(w, f->meta, strlen(f->meta));
+    if (rc == 0)
+        rc = f->body ? write_slices(w, f->body, 0, f->len, f->chunk)
+                     : write_pattern(w, f->seed, 0, f->len, f->chunk);
+    if (rc == 0 && f->end)
+        rc = flight_end(w, f->status);
+    if (rc != 0)
+        atomic_store(&f->bad_rc, rc);
+    return f->ret;
+}
+
+flight_writer_t *writer_of(fetch_ctx_t *f)
+{
+    flight_writer_t *w = atomic_load(&f->w);
+    ck_assert_ptr_nonnull(w);
+    return w;
+}
+
+flight_reader_t *
+join(flight_group_t *g, const char *key, fetch_ctx_t *f, int want_shared)
+{
+    flight_reader_t *r = NULL;
+    ck_assert_int_eq(flight_do(g, key, strlen(key), fetch_cb, f, &r), 0);
+    ck_assert_ptr_nonnull(r);
+    ck_assert_int_eq(flight_reader_shared(r), want_shared);
+    return r;
+}
+
+/* --- Reading -------------------------------------------------------------- */
+
+static bool
+body_match(const body_t *b, const unsigned char *buf, uint64_t off, size_t n)
+{
+    if (b->bytes)
+        return off <= b->len && n <= b->len - off &&
+               memcmp(buf, b->bytes + off, n) == 0;
+    return test_check(buf, b->seed, off, n) == 1;
+}
+
+readres_t read_upto(flight_reader_t *r,
+                    const body_t *b,
+                    uint64_t start,
+                    uint64_t limit,
+                    size_t cap,
+                    int timeout_ms)
+{
+    readres_t res = {0, 0, true};
+    unsigned char *buf = malloc(cap + 16);
+    if (!buf) {
+        res.ok = false;
+        res.status = COALESCE_ENOMEM;
+        return res;
+    }
+    while (res.got < limit) {
+        size_t want = limit - res.got < cap ? (size_t)(limit - res.got) : cap;
+        size_t n = (size_t)-1;
+        memset(buf + want, 0x5A, 16);
+        int rc = flight_read(r, buf, want, timeout_ms, &n);
+        if (rc != 0) {
+            res.status = rc;
+            break;
+        }
+        for (int i = 0; i < 16; i++)
+            if (buf[want + i] != 0x5A)
+                res.ok = false;
+        if (n == 0 || n > want) {
+            res.ok = false;
+            res.status = 1;
+            break;
+        }
+        if (!body_match(b, buf, start + res.got, n))
+            res.ok = false;
+        res.got += n;
+    }
+    free(buf);
+    return res;
+}
+
+readres_t read_all(flight_reader_t *r, const body_t *b, uint64_t start)
+{
+    return read_upto(r, b, start, UINT64_MAX, 7001, -1);
+}
+
+readres_t drain(flight_reader_t *r, const body_t *b, uint64_t start)
+{
+    return read_upto(r, b, start, UINT64_MAX, 64 * KiB, 0);
+}
+
+readres_t peek_all(flight_reader_t *r, const body_t *b, uint64_t start)
+{
+    readres_t res = {0, 0, true};
+    bool split = true;
+    for (;;) {
+        const void *d = NULL;
+        size_t n = 0;
+        coalesce_buf_t *owner = NULL;
+        int rc = flight_peek(r, -1, &d, &n, &owner);
+        if (rc != 0) {
+            res.status = rc;
+            break;
+        }
+        if (!d || n == 0 || !owner) {
+            res.ok = false;
+            res.status = 1;
+            break;
+        }
+        const unsigned char *od = coalesce_buf_data(owner);
+        const unsigned char *p = d;
+        if (p < od || p + n > od + coalesce_buf_len(owner))
+            res.ok = false;
+        if (!body_match(b, p, start + res.got, n))
+            res.ok = false;
+        size_t take = split && n > 1 ? n / 2 : n;
+        split = !split;
+        if (flight_consume(r, take) != 0) {
+            res.ok = false;
+            res.status = 1;
+            break;
+        }
+        res.got += take;
+    }
+    return res;
+}
+
+int read_again(flight_reader_t *r, int timeout_ms)
+{
+    unsigned char b[8];
+    size_t n = 0;
+    return flight_read(r, b, sizeof(b), timeout_ms, &n);
+}
+
+void assert_terminal(flight_reader_t *r, int status)
+{
+    unsigned char buf[64];
+    size_t n = 12345;
+    ck_assert_int_eq(flight_read(r, buf, sizeof(buf), -1, &n), status);
+    ck_assert_int_eq(flight_read(r, buf, sizeof(buf), 0, &n), status);
+    const void *d = NULL;
+    size_t len = 0;
+    ck_assert_int_eq(flight_peek(r, 0, &d, &len, NULL), status);
+}
+
+/* --- Notify --------------------------------------------------------------- */
+
+void notify_init(notify_ctx_t *n)
+{
+    memset(n, 0, sizeof(*n));
+    atomic_init(&n->fired, 0);
+    atomic_init(&n->reader, NULL);
+    atomic_init(&n->closed, 0);
+    atomic_init(&n->in_cb, 0);
+}
+
+void notify_cb(flight_reader_t *r, void *data)
+{
+    notify_ctx_t *n = data;
+    atomic_store(&n->in_cb, 1);
+    if (n->violations && atomic_load(&n->closed))
+        atomic_fetch_add(n->violations, 1);
+    atomic_store(&n->reader, r);
+    n->thread = pthread_self();
+    if (n->spin)
+        for (volatile int k = 0; k < 20000; k = k + 1) {
+        }
+    if (n->close_self) {
+        flight_reader_close(r);
+        atomic_store(&n->closed, 1);
+    }
+    atomic_fetch_add(&n->fired, 1);
+    if (n->violations && atomic_load(&n->closed))
+        atomic_fetch_add(n->violations, 1);
+    atomic_store(&n->in_cb, 0);
+    if (n->signal)
+        counter_add(n->signal, 1);
 }

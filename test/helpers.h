@@ -1,6 +1,8 @@
 /*
  * Shared test helpers: suite constructors, allocation-failure injection,
- * deterministic body patterns.
+ * deterministic body patterns, and the fixtures the flight and range suites
+ * share (groups, counters, the object fetch callback, reading and checking
+ * bodies, leak checks).
  */
 #ifndef COALESCE_TEST_HELPERS_H
 #define COALESCE_TEST_HELPERS_H
@@ -10,6 +12,9 @@
 #endif
 
 #include <check.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -18,6 +23,7 @@
 Suite *make_common_suite(void);
 Suite *make_buf_suite(void);
 Suite *make_flight_suite(void);
+Suite *make_range_suite(void);
 
 /*
  * Allocation accounting and failure injection. check_main installs a
@@ -50,5 +56,173 @@ int test_check(const unsigned char *buf,
 
 /* Timeouts are multiplied under valgrind (CK_VALGRIND=1 set by make). */
 double test_timeout(double seconds);
+
+/* --- Test fixtures (check_flight.c, check_range.c) ------------------------ */
+
+#define KiB ((size_t)1024)
+#define MiB (1024 * KiB)
+
+/* Allocation-failure loops: the n-th allocation fails for n < MAX_INJECT. */
+#define MAX_INJECT 500
+
+/*
+ * test_alloc_live() is recorded at the start of a test and must be back to
+ * that value at its end.
+ */
+#define LEAK_START() const long leak_base_ = test_alloc_live()
+#define LEAK_CHECK() ck_assert_int_eq(test_alloc_live(), leak_base_)
+/* End of a test: nothing in flight, the group closed, nothing leaked. */
+#define FINISH(g)                                                              \
+    do {                                                                       \
+        assert_idle(g);                                                        \
+        flight_group_close(g);                                                 \
+        LEAK_CHECK();                                                          \
+    } while (0)
+
+/* An address that no library object has: "untouched" out-parameters. */
+extern char test_sentinel_byte;
+#define SENTINEL(T) ((T *)(void *)&test_sentinel_byte)
+
+/* Checked fixture: no failure injection left over from another test. */
+void reset_state(void);
+/* A TCase of s with reset_state and a timeout (scaled by test_timeout). */
+TCase *tcase(Suite *s, const char *name, double timeout);
+/* The monotonic clock, in milliseconds. */
+double now_ms(void);
+
+/* Counters: a value that threads add to and wait on. */
+typedef struct counter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    long n;
+} counter_t;
+
+void counter_init(counter_t *c);
+void counter_destroy(counter_t *c);
+void counter_add(counter_t *c, long d);
+/* Waits until the value is at least v. */
+void counter_wait(counter_t *c, long v);
+
+/* Groups and stats. group_with_opts(NULL) has the default options. */
+flight_group_t *group_with_opts(const flight_opts_t *o);
+flight_group_t *group_default(void);
+flight_stats_t stats_of(flight_group_t *g);
+/* The gauges that must be zero once every flight is over and closed. */
+void assert_idle(flight_group_t *g);
+
+/* Writes pattern bytes [off, off + len) in writes of at most piece bytes;
+ * returns the first failure. */
+int write_pattern(flight_writer_t *w,
+                  uint64_t seed,
+                  uint64_t off,
+                  uint64_t len,
+                  size_t piece);
+/* Writes bytes [off, off + len) of a precomputed body in pieces. */
+int write_slices(flight_writer_t *w,
+                 const unsigned char *body,
+                 size_t off,
+                 size_t len,
+                 size_t piece);
+
+/* The object flight fetch callback (flight_do) and its context. */
+enum fetch_mode {
+    F_BODY,  /* sync: optional meta, the body, optional end; returns ret */
+    F_ASYNC, /* keeps the writer in ->w, returns FLIGHT_FETCH_ASYNC */
+    F_RET    /* returns ret without touching the writer */
+};
+
+typedef struct fetch_ctx {
+    atomic_int calls;
+    int mode;
+    uint64_t seed;
+    size_t len;
+    size_t chunk; /* F_BODY: bytes per flight_write */
+    const char *meta;
+    bool end;
+    int status;
+    int ret;
+    const unsigned char *body; /* F_BODY: write these bytes if not NULL */
+    counter_t *gate;           /* wait for gate >= gate_n first */
+    long gate_n;
+    flight_group_t *close_group; /* flight_group_close() it first */
+    _Atomic(flight_writer_t *) w;
+    atomic_int bad_rc; /* a writer call that failed in F_BODY */
+    pthread_t thread;  /* where the first call ran */
+} fetch_ctx_t;
+
+/* Mode, seed and length; 16 KiB writes, flight_end(w, 0), returns DONE. */
+void fetch_init(fetch_ctx_t *f, int mode, uint64_t seed, size_t len);
+int fetch_cb(flight_writer_t *w, void *data);
+/* The writer an F_ASYNC fetch kept (asserted non-NULL). */
+flight_writer_t *writer_of(fetch_ctx_t *f);
+/* flight_do on key with fetch_cb; asserts success and the shared flag. */
+flight_reader_t *
+join(flight_group_t *g, const char *key, fetch_ctx_t *f, int want_shared);
+
+/* Reading: a body is a pattern seed, or precomputed bytes when not NULL. */
+typedef struct body {
+    uint64_t seed;
+    const unsigned char *bytes; /* the whole body, when precomputed */
+    uint64_t len;
+} body_t;
+
+#define PAT(s) (&(body_t){.seed = (s)})
+
+typedef struct readres {
+    int status;   /* what ended the loop: 0 (limit reached) or a code */
+    uint64_t got; /* bytes returned */
+    bool ok;      /* all matched, no 0-byte success, no overrun */
+} readres_t;
+
+/*
+ * Reads with flight_read from body offset start, at most cap bytes a call,
+ * until a non-zero return or until limit bytes were read (then status 0).
+ */
+readres_t read_upto(flight_reader_t *r,
+                    const body_t *b,
+                    uint64_t start,
+                    uint64_t limit,
+                    size_t cap,
+                    int timeout_ms);
+/* Blocking reads of up to 7001 bytes until an end. */
+readres_t read_all(flight_reader_t *r, const body_t *b, uint64_t start);
+/* Non-blocking: reads until COALESCE_EAGAIN or an end. */
+readres_t drain(flight_reader_t *r, const body_t *b, uint64_t start);
+/*
+ * Reads the whole body with flight_peek/flight_consume, consuming every
+ * other peek only in part (one consume per peek).
+ */
+readres_t peek_all(flight_reader_t *r, const body_t *b, uint64_t start);
+
+#define ASSERT_BODY(res, want_status, want_len)                                \
+    do {                                                                       \
+        readres_t res_ = (res);                                                \
+        ck_assert_int_eq(res_.status, (want_status));                          \
+        ck_assert_uint_eq(res_.got, (want_len));                               \
+        ck_assert_int_eq(res_.ok, 1);                                          \
+    } while (0)
+
+/* What one more flight_read (of up to 8 bytes) returns, e.g. after an end:
+ * for worker threads, which record it for the main thread to check. */
+int read_again(flight_reader_t *r, int timeout_ms);
+
+/* The reader returns its terminal status again, with no further bytes. */
+void assert_terminal(flight_reader_t *r, int status);
+
+/* A notify callback that records what it saw (notify_init: all off). */
+typedef struct notify_ctx {
+    atomic_int fired;
+    _Atomic(flight_reader_t *) reader;
+    pthread_t thread; /* read after a join or on the same thread */
+    bool close_self;
+    bool spin; /* widen the window in which a close must wait */
+    atomic_int closed;
+    atomic_int in_cb;
+    atomic_int *violations;
+    counter_t *signal;
+} notify_ctx_t;
+
+void notify_init(notify_ctx_t *n);
+void notify_cb(flight_reader_t *r, void *data);
 
 #endif

@@ -66,7 +66,8 @@ extern "C" {
     XX(ERANGE, -9004, "byte range not satisfiable")                            \
     XX(ECONFLICT, -9005, "revision precondition failed")                       \
     XX(EDELETED, -9006, "key was deleted")                                     \
-    XX(EBACKEND, -9007, "storage backend failed")
+    XX(EBACKEND, -9007, "storage backend failed")                              \
+    XX(EMISMATCH, -9008, "upstream reply does not match the request")
 
 /** Error codes. */
 typedef enum coalesce_errno {

@@ -50,6 +50,24 @@
  * class, variant (Vary) values, and so on. A HEAD and a GET are not the same
  * flight unless the host says so.
  *
+ * Range flights (flight_do_range). Concurrent byte-range requests for one
+ * object share upstream fetches so that every byte is fetched at most once
+ * while it is in flight, and nothing nobody asked for is fetched beyond
+ * chunk rounding. The object is cut into chunks of chunk_size bytes. A call
+ * joins every chunk of its range that is in flight and, for each maximal run
+ * of chunks that is not, leads one upstream fetch covering exactly that run
+ * (its fetch callback is told the byte range). Registration happens in one
+ * critical section per call, so no caller can attach to a fetch that does
+ * not cover it. The caller's reader delivers exactly its own bytes: its first
+ * byte as soon as it arrives, its end as soon as its last byte arrives,
+ * whatever the other callers asked for. Before body bytes, a range writer
+ * reports what upstream actually returned (flight_set_range()); a reply that
+ * does not match the request or the object's other chunks (wrong start,
+ * short, a full body for a partial request, another validator or size)
+ * fails the affected readers with FLIGHT_EMISMATCH, and so does a body that
+ * ends early: a range reader never delivers misaligned or silently short
+ * bytes. Range and object flights of the same key are separate.
+ *
  * Lifecycle
  *   flight_group_new() -> flight_do() from any threads -> readers read and
  *   flight_reader_close(); writers flight_end() -> flight_group_close().
@@ -79,6 +97,17 @@ typedef struct flight_writer flight_writer_t;
 #define FLIGHT_ETIMEDOUT COALESCE_ETIMEDOUT
 /** Every reader has gone and the group's orphan policy is CANCEL. */
 #define FLIGHT_ECANCELED COALESCE_ECANCELED
+/** A range starts at or after the end of the object (HTTP 416). */
+#define FLIGHT_ERANGE COALESCE_ERANGE
+/** The upstream's reply does not match the request or the object's other
+ *  chunks (range, size or validator), or its body ended early. */
+#define FLIGHT_EMISMATCH COALESCE_EMISMATCH
+
+/** For flight_do_range(): the range goes to the end of the object. For
+ *  flight_set_range(): upstream returned no bytes (416). */
+#define FLIGHT_RANGE_END UINT64_MAX
+/** For sizes: the object's total size is not known. */
+#define FLIGHT_SIZE_UNKNOWN UINT64_MAX
 
 /** For max_lag and retain_limit: no limit. */
 #define FLIGHT_UNLIMITED UINT64_MAX
@@ -122,6 +151,21 @@ typedef enum flight_orphan_policy {
 typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
 
 /**
+ * @brief A range leader's fetch: get bytes [@p first, @p last] from upstream.
+ *
+ * As flight_fetch_cb, once per run of chunks the caller leads. @p first is
+ * chunk-aligned; @p last is the run's last byte, clipped to the object's end
+ * when the size is known, or FLIGHT_RANGE_END ("to the end": ask for
+ * "bytes=first-"). Before any body byte the callback (or whoever holds the
+ * writer) must call flight_set_range() with what upstream returned. The body
+ * is the bytes of that range, in order; flight_end(w, 0) after the last one.
+ */
+typedef int (*flight_range_fetch_cb)(flight_writer_t *w,
+                                     uint64_t first,
+                                     uint64_t last,
+                                     void *data);
+
+/**
  * @brief One-shot readiness notification, armed by flight_reader_notify().
  *
  * Runs on whichever thread made the reader ready (usually the writer's), with
@@ -155,6 +199,21 @@ typedef struct flight_opts {
     uint32_t shards;
     /** A flight_orphan_policy_t. Default FLIGHT_ORPHAN_CONTINUE. */
     int orphan_policy;
+    /** Range flights: bytes per chunk, the unit of sharing. Default (and
+     *  0) 1 MiB. Memory costs about 200 bytes per upstream range fetch and
+     *  per range reader, plus one cursor per chunk being written. */
+    uint64_t chunk_size;
+    /** Range flights: a leader waits this many milliseconds before its
+     *  fetch so that ranges arriving meanwhile go out in the same upstream
+     *  request (flight_do_range() blocks that long). Default 0: no wait. */
+    uint32_t range_linger_ms;
+    /** Range flights, with range_linger_ms: a range joins a lingering fetch
+     *  only if at most this many bytes (whole chunks) nobody asked for lie
+     *  between them. Default 0: touching or overlapping chunks only. */
+    uint64_t range_max_gap;
+    /** Range flights, with range_linger_ms: a lingering fetch grows to at
+     *  most this many bytes. Default (and 0) 64 MiB. */
+    uint64_t range_max_span;
 } flight_opts_t;
 
 /** Per-group counters, as returned by flight_group_stats(). */
@@ -171,6 +230,18 @@ typedef struct flight_stats {
     uint64_t segments_held;   /**< Segments alive in all flights (gauge). */
     uint64_t bytes_held;      /**< Body bytes in those segments (gauge). */
     uint64_t orphaned;        /**< Flights whose last reader left early. */
+    /* Range flights. flights_started and joins above count object
+     * flights only; errors also counts failed range fetches; the gauges
+     * count range data too (a chunk being written is one of
+     * flights_active, a range reader one of readers_open). */
+    uint64_t range_fetches; /**< Range fetch callbacks run. */
+    uint64_t chunk_joins;   /**< Chunks of calls served by another caller's
+                                 fetch, counted as each chunk starts. */
+    uint64_t
+        range_bytes_requested;    /**< Bytes of the calls' ranges (clipped
+                                       to the object once its size is known). */
+    uint64_t range_bytes_fetched; /**< Body bytes from range writers. */
+    uint64_t range_mismatches;    /**< Range fetches failed validation. */
 } flight_stats_t;
 
 /**
@@ -250,6 +321,44 @@ COALESCE_API int flight_do(flight_group_t *g,
                            void *data,
                            flight_reader_t **out);
 
+/**
+ * @brief Read bytes [@p first, @p last] of an object, sharing upstream fetches
+ *        with concurrent calls for the same key.
+ *
+ * Joins every chunk of the range already in flight; leads one fetch per run
+ * of chunks that is not (@p fetch runs once per such run, on this thread,
+ * before the call returns, in increasing order). With range_linger_ms the
+ * call first waits that long if it leads anything. The reader delivers
+ * exactly bytes @p first .. @p last (clipped to the object's end); errors
+ * of the fetches it depends on come through the reader, each once.
+ *
+ * A caller may hold any number of readers, on one object or several, and
+ * read them in any order: nothing waits for a reader, so nothing deadlocks.
+ *
+ * @param[in] key Copied; 1 byte to 1 MiB; a namespace of its own (object
+ *            flights with the same key are unrelated).
+ * @param[in] first First byte wanted, below 2^63 (HTTP's limit too).
+ * @param[in] last Last byte wanted (inclusive), >= @p first and below 2^63,
+ *            or FLIGHT_RANGE_END.
+ * @param[in] fetch Called for each run this caller leads; not NULL.
+ * @param[in] data Passed to @p fetch; borrowed.
+ * @param[out] out New reader, closed with flight_reader_close().
+ * @return 0; FLIGHT_ERANGE (@p first is at or past the end of the object
+ *         as a fetch still in flight reported it; otherwise the reader
+ *         returns it once known); COALESCE_EINVAL (NULL argument, bad key
+ *         length, @p last < @p first, offsets out of range);
+ *         COALESCE_ECLOSING; COALESCE_ENOMEM.
+ * Thread safety: yes. @since 0.2
+ */
+COALESCE_API int flight_do_range(flight_group_t *g,
+                                 const void *key,
+                                 size_t keylen,
+                                 uint64_t first,
+                                 uint64_t last,
+                                 flight_range_fetch_cb fetch,
+                                 void *data,
+                                 flight_reader_t **out);
+
 /* --- Writer (the leader's side) ----------------------------------------- */
 
 /**
@@ -268,10 +377,46 @@ COALESCE_API int
 flight_set_meta(flight_writer_t *w, const void *meta, size_t len);
 
 /**
+ * @brief Report what upstream returned for a range fetch; mandatory before
+ *        its first body byte (the meta may come before or after).
+ *
+ * The reply must match the request: @p first equal to the first byte asked
+ * for, @p last equal to the last byte asked for clipped to the object's end,
+ * @p total and @p validator equal to those of the object's other fetches in
+ * flight. When none is in flight, a different size or validator means the
+ * object changed: the reply defines it anew, and a reader whose range
+ * straddles the change gets FLIGHT_EMISMATCH where the new version starts. An
+ * HTTP host reports a 206's Content-Range and ETag; a 200 (whole body) as first
+ * 0 and last size - 1, which mismatches unless that is what was asked; a 416 as
+ * first and last FLIGHT_RANGE_END with the size from "bytes (star)/size". If @p
+ * total is unknown and @p last is before the last byte asked for, or the
+ * request was open-ended, the object is taken to end at @p last.
+ * @param[in] total Object size, or FLIGHT_SIZE_UNKNOWN.
+ * @param[in] validator Copied; an opaque strong validator (ETag,
+ *            Last-Modified...); NULL when @p vlen is 0. Compared bytewise.
+ * @return 0: write the body, last - first + 1 bytes, then flight_end(w, 0).
+ *         FLIGHT_EMISMATCH or FLIGHT_ERANGE: the fetch has ended with that
+ *         code for the readers that needed it; stop (release the writer).
+ *         COALESCE_EINVAL (not a range writer, already reported, body or end
+ *         already there, @p last < @p first, offsets or @p total past
+ *         2^63); FLIGHT_ECANCELED;
+ *         COALESCE_ENOMEM (nothing changed).
+ * Thread safety: writer's owner thread. @since 0.2
+ */
+COALESCE_API int flight_set_range(flight_writer_t *w,
+                                  uint64_t first,
+                                  uint64_t last,
+                                  uint64_t total,
+                                  const void *validator,
+                                  size_t vlen);
+
+/**
  * @brief Append body bytes, copying them. Never waits for readers.
  * @param[in] data Copied.
  * @return 0 (a 0-byte write is a no-op); COALESCE_EINVAL (NULL arguments,
- *         stream ended); FLIGHT_ECANCELED (orphaned, CANCEL policy);
+ *         stream ended; range writer before flight_set_range());
+ *         FLIGHT_ECANCELED (orphaned, CANCEL policy); FLIGHT_EMISMATCH
+ *         (range writer: more bytes than reported; the fetch has ended);
  *         COALESCE_ENOMEM (nothing was appended; the writer may retry).
  * Thread safety: writer's owner thread. @since 0.1
  */
@@ -299,7 +444,9 @@ COALESCE_API int flight_write_buf(flight_writer_t *w,
  *
  * Two codes that readers use for a live stream are translated: COALESCE_EOF
  * counts as 0 and COALESCE_EAGAIN becomes COALESCE_EUPSTREAM (the same
- * holds for a fetch callback's return value).
+ * holds for a fetch callback's return value). For a range writer, 0 before
+ * all the reported bytes were written ends the fetch with FLIGHT_EMISMATCH
+ * (a short body is an error, never an EOF) and is returned.
  *
  * The key becomes free at once: the next flight_do() starts a new flight.
  * The writer stays valid (later writes return COALESCE_EINVAL, or
@@ -313,7 +460,8 @@ COALESCE_API int flight_end(flight_writer_t *w, int status);
 
 /**
  * @brief Number of readers still attached to the writer's flight: open and
- *        not detached (0: nobody is receiving any more).
+ *        not detached (0: nobody is receiving any more). For a range writer:
+ *        range readers still waiting for bytes of its fetch.
  * Thread safety: writer's owner thread. @since 0.1
  */
 COALESCE_API unsigned flight_writer_readers(flight_writer_t *w);
@@ -336,6 +484,16 @@ COALESCE_API void flight_writer_release(flight_writer_t *w);
  * return the call returns COALESCE_EAGAIN and the reader is unchanged.
  * A waiter's deadline (wait_timeout_ms) is separate: it detaches the reader
  * with FLIGHT_ETIMEDOUT, for good.
+ */
+
+/*
+ * Range readers (from flight_do_range()) work with every reader function.
+ * Their "meta" is the meta of the fetch serving their first byte, known once
+ * that fetch reported its range (flight_set_range()), so flight_meta() is
+ * the point to call flight_reader_range() and build a response. Their
+ * offset counts bytes delivered from their first byte. Lag is counted
+ * across chunks: a range reader more than max_lag bytes behind the newest
+ * write it will read is detached with FLIGHT_ELAGGED.
  */
 
 /**
@@ -420,8 +578,27 @@ COALESCE_API int64_t flight_reader_deadline_ms(flight_reader_t *r);
 COALESCE_API uint64_t flight_reader_offset(const flight_reader_t *r);
 
 /**
+ * @brief The range a range reader delivers, once known.
+ * @param[out] first First byte (as asked). May be NULL.
+ * @param[out] last Last byte: as asked, clipped to the object's end; or
+ *             FLIGHT_RANGE_END while an open range's end is unknown. May be
+ *             NULL.
+ * @param[out] total Object size, or FLIGHT_SIZE_UNKNOWN. May be NULL.
+ * @return 0; COALESCE_EAGAIN before the fetch serving the first byte has
+ *         reported its range (call after flight_meta()); FLIGHT_ERANGE when
+ *         the range starts past the end; COALESCE_EINVAL (NULL reader, or
+ *         an object flight's reader).
+ * Thread safety: reader's owner thread. @since 0.2
+ */
+COALESCE_API int flight_reader_range(flight_reader_t *r,
+                                     uint64_t *first,
+                                     uint64_t *last,
+                                     uint64_t *total);
+
+/**
  * @brief 1 if this reader joined a flight another caller leads, 0 for the
- *        leader (or NULL).
+ *        leader (or NULL). A range reader is shared if any of its chunks
+ *        came from another caller's fetch.
  * Thread safety: reader's owner thread. @since 0.1
  */
 COALESCE_API int flight_reader_shared(const flight_reader_t *r);

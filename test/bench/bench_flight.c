@@ -24,87 +24,17 @@
 
 #include <coalesce.h>
 
+/* BENCH_FLIGHT_ONLY=distinct,fanout runs only those (for perf). */
+#define BENCH_NAME     "bench_flight"
+#define BENCH_ONLY_ENV "BENCH_FLIGHT_ONLY"
+#include "bench.h"
+
 #define KIB ((size_t)1024)
 #define MIB (1024 * KIB)
 
 #define SMALL_STACK (64 * KIB)
 
-/* --- Clock, errors, watchdog ---------------------------------------------- */
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-static void sleep_ns(int64_t ns)
-{
-    struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static void die(const char *what, int rc)
-{
-    fprintf(stderr, "bench_flight: %s: %s (%d, %s)\n", what,
-            coalesce_err_name(rc), rc, coalesce_strerror(rc));
-    exit(1);
-}
-
-/* Library calls that must succeed. */
-#define CHECK(call)                                                            \
-    do {                                                                       \
-        int rc_ = (call);                                                      \
-        if (rc_ != 0)                                                          \
-            die(#call, rc_);                                                   \
-    } while (0)
-
-static void fail(const char *msg)
-{
-    fprintf(stderr, "bench_flight: %s\n", msg);
-    exit(1);
-}
-
-static atomic_llong wd_deadline; /* ns; 0 when no phase runs */
-static _Atomic(const char *) wd_phase;
-
-static void *watchdog_main(void *arg)
-{
-    (void)arg;
-    for (;;) {
-        sleep_ns(200 * 1000000);
-        long long d = atomic_load(&wd_deadline);
-        if (d && now_ns() > d) {
-            fprintf(stderr,
-                    "bench_flight: phase '%s' did not finish in time "
-                    "(hang?); aborting\n",
-                    atomic_load(&wd_phase));
-            _exit(2);
-        }
-    }
-    return NULL;
-}
-
-static void phase(const char *name, int seconds)
-{
-    atomic_store(&wd_phase, name);
-    atomic_store(&wd_deadline, now_ns() + (int64_t)seconds * 1000000000);
-}
-
-static void spawn(pthread_t *t, void *(*fn)(void *), void *arg, size_t stack)
-{
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    if (stack)
-        pthread_attr_setstacksize(&a, stack);
-    int e = pthread_create(t, &a, fn, arg);
-    pthread_attr_destroy(&a);
-    if (e) {
-        fprintf(stderr, "bench_flight: pthread_create: %s\n", strerror(e));
-        exit(1);
-    }
-}
+/* --- Process figures and statistics ------------------------------------- */
 
 /* Context switches of the whole process so far (every thread). */
 static long context_switches(void)
@@ -128,24 +58,6 @@ static double mutex_pair_ns(void)
     return (double)(now_ns() - t0) / (double)n;
 }
 
-/* --- Statistics ----------------------------------------------------------- */
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(const double *v, int n)
-{
-    double s[64];
-    if (n < 1 || n > 64)
-        fail("median: bad count");
-    memcpy(s, v, (size_t)n * sizeof(*s));
-    qsort(s, (size_t)n, sizeof(*s), cmp_double);
-    return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
-}
-
 /* Nearest-rank percentile of a sorted array. */
 static double percentile(const double *sorted, int n, double p)
 {
@@ -162,19 +74,6 @@ static void print_list(const char *label, const double *v, int n)
     printf("%s", label);
     for (int i = 0; i < n; i++)
         printf(" %.2f", v[i]);
-}
-
-static void bench_line(const char *name, double value, const char *unit)
-{
-    printf("BENCH %s %.6g %s\n", name, value, unit);
-}
-
-static void
-note_target(const char *name, double value, double target, int at_most)
-{
-    int met = at_most ? value <= target : value >= target;
-    printf("# %s: target %s %.6g: %s\n", name, at_most ? "<=" : ">=", target,
-           met ? "met" : "MISSED");
 }
 
 /* --- Allocator hook: live and peak bytes ---------------------------------- */
@@ -298,17 +197,7 @@ static flight_group_t *group_new(uint64_t max_lag, uint64_t retain)
     flight_opts_init(&o);
     o.max_lag = max_lag;
     o.retain_limit = retain;
-    flight_group_t *g = NULL;
-    CHECK(flight_group_new(&g, &o));
-    return g;
-}
-
-static flight_stats_t group_stats(flight_group_t *g)
-{
-    flight_stats_t s;
-    memset(&s, 0, sizeof(s));
-    CHECK(flight_group_stats(g, &s, sizeof(s)));
-    return s;
+    return bench_group(&o);
 }
 
 static uint64_t mix64(uint64_t x)
@@ -1420,23 +1309,6 @@ static void probe_notify_contract(void)
 
 /* --- main ----------------------------------------------------------------- */
 
-static void print_load(const char *when)
-{
-    FILE *fp = fopen("/proc/loadavg", "r");
-    char line[128];
-    if (fp && fgets(line, sizeof(line), fp))
-        printf("# load average %s: %s", when, line);
-    if (fp)
-        fclose(fp);
-}
-
-/* BENCH_FLIGHT_ONLY=distinct,fanout runs only those (for perf). */
-static int selected(const char *name)
-{
-    const char *only = getenv("BENCH_FLIGHT_ONLY");
-    return !only || !*only || strstr(only, name) != NULL;
-}
-
 int main(void)
 {
     /* Before any other library call: the hook cannot change later. */
@@ -1453,9 +1325,7 @@ int main(void)
     if (selected("distinct"))
         bench_distinct(0);
 
-    pthread_t wd;
-    spawn(&wd, watchdog_main, NULL, SMALL_STACK);
-    pthread_detach(wd);
+    watchdog_start(SMALL_STACK);
     phase("contract probe", 10);
     probe_notify_contract();
 
@@ -1472,8 +1342,6 @@ int main(void)
     if (selected("slow_reader"))
         bench_slow_reader();
 
-    atomic_store(&wd_deadline, 0);
-    print_load("at end");
-    printf("# bench_flight: total %.1f s\n", (double)(now_ns() - start) / 1e9);
+    bench_finish(start);
     return 0;
 }
