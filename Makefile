@@ -48,7 +48,7 @@ COALESCE_CFLAGS := -std=c11 -fPIC -fvisibility=hidden $(WARN) -Iinclude -Ilib
 ALL_CFLAGS = $(COALESCE_CFLAGS) $(CPPFLAGS) $(CFLAGS) $(SAN)
 LIBS := -lpthread
 
-SRCS := lib/common.c lib/buf.c lib/flight.c
+SRCS := lib/common.c lib/buf.c lib/flight.c lib/memstore.c lib/cache.c
 OBJS := $(SRCS:lib/%.c=$(BUILD)/obj/%.o)
 HDRS := $(wildcard include/*.h include/coalesce/*.h lib/*.h)
 

@@ -16,5 +16,7 @@
 #include "coalesce/common.h"
 #include "coalesce/buf.h"
 #include "coalesce/flight.h"
+#include "coalesce/store.h"
+#include "coalesce/cache.h"
 
 #endif /* COALESCE_H */

@@ -128,3 +128,32 @@ void coalesce_buf_unref(coalesce_buf_t *b)
         b->free_fn((void *)b->data, b->free_data);
     coalesce__free(b);
 }
+
+/* A buffer whose bytes are a private head of head_len bytes, then the
+ * value: the head travels with the value in one allocation (cache entries
+ * keep their metadata and key there). */
+int coalesce__buf_new_headed(coalesce_buf_t **out,
+                             size_t head_len,
+                             const void *data,
+                             size_t len)
+{
+    head_len = (head_len + 7) & ~(size_t)7;
+    if (len > SIZE_MAX - sizeof(coalesce_buf_t) - head_len)
+        return COALESCE_ENOMEM;
+    coalesce_buf_t *b = buf_alloc(head_len + len);
+    if (!b)
+        return COALESCE_ENOMEM;
+    if (len)
+        memcpy(b->bytes + head_len, data, len);
+    b->data = b->bytes + head_len;
+    b->len = len;
+    b->owns_bytes = false; /* Not writable through coalesce_buf_mutable. */
+    atomic_store_explicit(&b->published, true, memory_order_relaxed);
+    *out = b;
+    return 0;
+}
+
+void *coalesce__buf_head(coalesce_buf_t *b)
+{
+    return b->bytes;
+}

@@ -27,6 +27,11 @@ void coalesce__free(void *ptr);
 /* Buffers (buf.c): a copy of caller bytes, and the publish mark. */
 int coalesce__buf_new_copy(coalesce_buf_t **out, const void *data, size_t len);
 void coalesce__buf_publish(coalesce_buf_t *b);
+int coalesce__buf_new_headed(coalesce_buf_t **out,
+                             size_t head_len,
+                             const void *data,
+                             size_t len);
+void *coalesce__buf_head(coalesce_buf_t *b);
 
 /* Monotonic clock in nanoseconds. */
 static inline int64_t coalesce__now_ns(void)

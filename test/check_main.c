@@ -14,6 +14,8 @@ int main(void)
     srunner_add_suite(sr, make_buf_suite());
     srunner_add_suite(sr, make_flight_suite());
     srunner_add_suite(sr, make_range_suite());
+    srunner_add_suite(sr, make_memstore_suite());
+    srunner_add_suite(sr, make_cache_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);

@@ -67,7 +67,10 @@ extern "C" {
     XX(ECONFLICT, -9005, "revision precondition failed")                       \
     XX(EDELETED, -9006, "key was deleted")                                     \
     XX(EBACKEND, -9007, "storage backend failed")                              \
-    XX(EMISMATCH, -9008, "upstream reply does not match the request")
+    XX(EMISMATCH, -9008, "upstream reply does not match the request")          \
+    XX(ENOTSTARTED, -9009, "cache is not running")                             \
+    XX(EDECODE, -9010, "store returned data it could not decode")              \
+    XX(EOVERFLOW, -9011, "cache bounds exceeded")
 
 /** Error codes. */
 typedef enum coalesce_errno {

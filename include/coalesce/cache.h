@@ -1,0 +1,297 @@
+/*
+ * Write-through cache: a revision-tracked in-memory copy of one key prefix
+ * of a store (store.h).
+ *
+ * cache_start() lists the prefix at one revision R0 (paged), then watches
+ * it from R0 + 1 on the store's thread, so memory follows every writer.
+ * Writes go through the cache to the store first and reach memory only
+ * once the store accepted them, stamped with the commit revision. Reads
+ * are memory only: a hash index for keys, an ordered index for prefix
+ * scans in byte order.
+ *
+ * One rule decides every change to memory, from this process's writes or
+ * from the watch: a change at revision r to key k applies only if r is
+ * newer than what memory holds for k, a tombstone included, and no prefix
+ * delete at or after r covers k. So nothing older overwrites anything
+ * newer, a deleted key never comes back, and the order in which the watch
+ * and the write-throughs arrive does not matter. W, the watch revision, is
+ * the revision up to which the watch has delivered everything; a
+ * write-through at or below W is already in memory. Tombstones go once W
+ * passes them (W rises with events and with progress notifications).
+ *
+ * Memory can lag behind the store (other writers show up when the watch
+ * delivers them; cache_wait_fresh() waits for a revision); correctness of
+ * read-modify-write rests on the store's compares: cache_update() and
+ * cache_delete_value() compare the mod revision read from the cache.
+ *
+ * The watch recovers by itself: a cut watch resumes from the last applied
+ * revision + 1 with backoff; a compacted one relists and swaps the new copy
+ * in at once. What happened is reported through the error callback and
+ * cache_health(), never by blocking the watch.
+ *
+ * Thread safety: a cache_t is thread-safe; reads take a shared lock and
+ * never wait for the store. Callbacks run with no cache lock held.
+ */
+#ifndef COALESCE_CACHE_H
+#define COALESCE_CACHE_H
+
+#include "buf.h"
+#include "store.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct cache cache_t;
+
+/** Cache states (cache_health_t.state). */
+enum {
+    CACHE_STOPPED = 0,
+    CACHE_RUNNING = 1,
+    CACHE_RECONNECTING = 2, /**< The watch broke; resuming. */
+    CACHE_RELISTING = 3,    /**< After a compaction; reads serve the old
+                                 copy until the new one is swapped in. */
+    CACHE_DEGRADED = 4      /**< Bounds exceeded: reads return
+                                 COALESCE_EOVERFLOW until restarted. */
+};
+
+/** What the error callback reports (besides the code). */
+enum {
+    CACHE_REPORT_DISCONNECTED = 1, /**< The watch broke; resuming. */
+    CACHE_REPORT_RELISTED = 2,     /**< Compacted: relisted at a revision. */
+    CACHE_REPORT_DECODE = 3,       /**< The store could not decode data. */
+    CACHE_REPORT_OVERFLOW = 4,     /**< Bounds exceeded: degraded. */
+    CACHE_REPORT_FAILED = 5        /**< A resume or relist failed; retrying. */
+};
+
+/**
+ * @brief Reports from the cache's own threads; must not block and must not
+ *        call cache_stop() or cache_free() on this cache.
+ * @param what A CACHE_REPORT_* value.
+ * @param code The underlying code (0 if none).
+ * @param revision The revision concerned (W, or the relist revision).
+ */
+typedef void (*cache_report_cb)(void *data,
+                                int what,
+                                int code,
+                                int64_t revision);
+
+/** Options; cache_opts_init() fills the defaults. */
+typedef struct cache_opts {
+    size_t size;             /**< sizeof(cache_opts_t). */
+    size_t page_size;        /**< Keys per range page. Default 500. */
+    uint64_t max_entries;    /**< 0 (default): no bound. */
+    uint64_t max_bytes;      /**< Keys + values; 0 (default): no bound. */
+    uint32_t backoff_min_ms; /**< Resume backoff start. Default 100. */
+    uint32_t backoff_max_ms; /**< Resume backoff cap. Default 30000. */
+    cache_report_cb report;  /**< May be NULL. */
+    void *report_data;
+} cache_opts_t;
+
+/** Entry metadata, as the store reported it. */
+typedef struct cache_meta {
+    int64_t create_rev;
+    int64_t mod_rev;
+    int64_t version;
+    int64_t lease;
+} cache_meta_t;
+
+/** Health, as returned by cache_health(). */
+typedef struct cache_health {
+    int state;                 /**< CACHE_STOPPED .. CACHE_DEGRADED. */
+    int last_error;            /**< Last code reported, 0 if none. */
+    int64_t watch_rev;         /**< W. */
+    uint64_t entries;          /**< Live keys. */
+    uint64_t bytes;            /**< Their keys and values. */
+    uint64_t tombstones;       /**< Point tombstones held. */
+    uint64_t range_tombstones; /**< Prefix-delete tombstones held. */
+    uint64_t relists;          /**< Relists after compaction. */
+    uint64_t reconnects;       /**< Watch resumes. */
+    uint64_t events;           /**< Watch events applied. */
+} cache_health_t;
+
+/** Write options; NULL means none. */
+typedef struct cache_put_opts {
+    int64_t ttl_ms; /**< > 0: a new lease of at least this long (the store
+                         may round up), revoked if the write fails. */
+    int64_t lease;  /**< Or an existing lease (ttl_ms 0). */
+} cache_put_opts_t;
+
+/** Transaction operation types. */
+enum {
+    CACHE_TXN_PUT = 0,          /**< Unconditional put. */
+    CACHE_TXN_CREATE = 1,       /**< Put if the key does not exist. */
+    CACHE_TXN_UPDATE = 2,       /**< Put if its mod revision is expect. */
+    CACHE_TXN_DELETE = 3,       /**< Unconditional delete. */
+    CACHE_TXN_DELETE_VALUE = 4, /**< Delete if its mod revision is expect. */
+    CACHE_TXN_DELETE_PREFIX = 5 /**< Delete every key under key. */
+};
+
+/** One operation of cache_txn(). */
+typedef struct cache_txn_op {
+    int type; /**< CACHE_TXN_*. */
+    const void *key;
+    size_t keylen;
+    const void *value;
+    size_t vallen;
+    int64_t expect; /**< UPDATE, DELETE_VALUE: the mod revision read. */
+    const cache_put_opts_t *opts; /**< Puts: may be NULL. */
+} cache_txn_op_t;
+
+/**
+ * @brief Receives one entry of a scan, in key order.
+ * @param value Borrowed for the call; coalesce_buf_ref() keeps it.
+ * @return 0 to go on, nonzero to stop the scan.
+ */
+typedef int (*cache_scan_cb)(void *data,
+                             const void *key,
+                             size_t keylen,
+                             coalesce_buf_t *value,
+                             const cache_meta_t *meta);
+
+/** @brief Fill the defaults. Thread safety: yes. @since 0.2 */
+COALESCE_API void cache_opts_init(cache_opts_t *o);
+
+/**
+ * @brief Create a cache of the keys under @p prefix in @p store (stopped).
+ * @param[in] store Borrowed; must outlive the cache.
+ * @param[in] prefix Copied; 1 byte to 64 KiB. Keys are the prefix followed
+ *            by anything; no separator is added.
+ * @param[in] opts Copied; NULL for the defaults.
+ * @return 0; COALESCE_EINVAL; COALESCE_ENOMEM.
+ * @since 0.2
+ */
+COALESCE_API int cache_new(cache_t **out,
+                           cache_store_t *store,
+                           const void *prefix,
+                           size_t prefixlen,
+                           const cache_opts_t *opts);
+
+/**
+ * @brief Load the prefix and start watching it.
+ * @return 0; COALESCE_EBUSY (already started); the store's code (the cache
+ *         stays stopped and can be started again).
+ * Thread safety: yes (concurrent starts and stops are serialized).
+ */
+COALESCE_API int cache_start(cache_t *c);
+
+/**
+ * @brief Stop: cancel the watch and wait for it, then drop the copy. Reads
+ *        return COALESCE_ENOTSTARTED until the next cache_start(). No report
+ *        callback runs after it returns. Not from a report callback.
+ */
+COALESCE_API void cache_stop(cache_t *c);
+
+/** @brief Stop and free (NULL is a no-op). */
+COALESCE_API void cache_free(cache_t *c);
+
+/**
+ * @brief Read one key from memory.
+ * @param[out] value New reference (release with coalesce_buf_unref());
+ *             may be NULL. The bytes never change.
+ * @param[out] meta May be NULL.
+ * @return 0; COALESCE_ENOENT; COALESCE_EINVAL (outside the prefix, NULL
+ *         arguments); COALESCE_ENOTSTARTED; COALESCE_EOVERFLOW (degraded).
+ */
+COALESCE_API int cache_get(cache_t *c,
+                           const void *key,
+                           size_t keylen,
+                           coalesce_buf_t **value,
+                           cache_meta_t *meta);
+
+/**
+ * @brief Visit every key starting with @p prefix, in byte order, from one
+ *        consistent snapshot; @p cb runs with no lock held.
+ * @param[in] prefix Must start with the cache's prefix (or be a prefix of
+ *            it: the whole cache).
+ * @return 0 (also when @p cb stopped it); the codes of cache_get();
+ *         COALESCE_ENOMEM.
+ */
+COALESCE_API int cache_scan(
+    cache_t *c, const void *prefix, size_t len, cache_scan_cb cb, void *data);
+
+/*
+ * Writes. Each goes to the store first; memory changes only if the store
+ * accepted it. @p rev (may be NULL) receives the store's revision: the
+ * commit revision on success, the current one after a failed compare.
+ * Common codes: COALESCE_EINVAL (key outside the prefix, before the store
+ * is contacted), COALESCE_ENOTSTARTED, the store's codes.
+ */
+
+/** @brief Put unconditionally. */
+COALESCE_API int cache_put(cache_t *c,
+                           const void *key,
+                           size_t keylen,
+                           const void *value,
+                           size_t vallen,
+                           const cache_put_opts_t *opts,
+                           int64_t *rev);
+
+/** @brief Put if the key does not exist; COALESCE_EEXIST otherwise. */
+COALESCE_API int cache_create(cache_t *c,
+                              const void *key,
+                              size_t keylen,
+                              const void *value,
+                              size_t vallen,
+                              const cache_put_opts_t *opts,
+                              int64_t *rev);
+
+/**
+ * @brief Put if the key's mod revision is @p expect (as read from
+ *        cache_get()); COALESCE_ECONFLICT otherwise. Across a delete and
+ *        a re-create the mod revision differs, so no ABA.
+ */
+COALESCE_API int cache_update(cache_t *c,
+                              const void *key,
+                              size_t keylen,
+                              const void *value,
+                              size_t vallen,
+                              int64_t expect,
+                              const cache_put_opts_t *opts,
+                              int64_t *rev);
+
+/** @brief Delete; *deleted (may be NULL) is 0 or 1. */
+COALESCE_API int cache_delete(
+    cache_t *c, const void *key, size_t keylen, int64_t *deleted, int64_t *rev);
+
+/** @brief Delete if the key's mod revision is @p expect; 0 expects the key
+ *         to be absent. COALESCE_ECONFLICT otherwise. */
+COALESCE_API int cache_delete_value(
+    cache_t *c, const void *key, size_t keylen, int64_t expect, int64_t *rev);
+
+/** @brief Delete every key starting with @p prefix (exactly those bytes).
+ *         No older put of any such key can appear in memory afterwards. */
+COALESCE_API int cache_delete_prefix(
+    cache_t *c, const void *prefix, size_t len, int64_t *deleted, int64_t *rev);
+
+/**
+ * @brief Several operations as one store transaction: all or nothing, and
+ *        readers see all their effects at once.
+ * @return 0; COALESCE_ECONFLICT (a CREATE, UPDATE or DELETE_VALUE
+ *         condition failed: nothing changed); COALESCE_EINVAL (no ops, more
+ *         than CACHE_TXN_MAX_OPS, a key twice or inside a DELETE_PREFIX of
+ *         the same txn, a key outside the prefix: checked before the store
+ *         is contacted); the store's codes.
+ */
+COALESCE_API int
+cache_txn(cache_t *c, const cache_txn_op_t *ops, size_t n, int64_t *rev);
+
+/**
+ * @brief Wait until the cache has applied everything up to @p rev.
+ * @param timeout_ms < 0: no limit; 0: just check.
+ * @return 0; COALESCE_ETIMEDOUT; COALESCE_ENOTSTARTED.
+ */
+COALESCE_API int cache_wait_fresh(cache_t *c, int64_t rev, int timeout_ms);
+
+/**
+ * @brief Read the state and counters.
+ * @param[out] out Filled with min(@p size, sizeof(cache_health_t)) bytes.
+ * @return 0; COALESCE_EINVAL.
+ */
+COALESCE_API int cache_health(cache_t *c, cache_health_t *out, size_t size);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COALESCE_CACHE_H */
