@@ -1523,6 +1523,9 @@ int cache_health(cache_t *c, cache_health_t *out, size_t size)
     h.reconnects = c->reconnects;
     h.events = c->events;
     br_unlock(&c->lk);
+    pthread_mutex_lock(&c->mu);
+    h.reports_dropped = c->rdropped;
+    pthread_mutex_unlock(&c->mu);
     memcpy(out, &h, size < sizeof(h) ? size : sizeof(h));
     return 0;
 }

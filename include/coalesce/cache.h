@@ -108,6 +108,9 @@ typedef struct cache_health {
     uint64_t relists;          /**< Relists after compaction. */
     uint64_t reconnects;       /**< Watch resumes. */
     uint64_t events;           /**< Watch events applied. */
+    /** Reports lost because 64 were already queued for a report callback
+     *  that did not keep up. */
+    uint64_t reports_dropped;
 } cache_health_t;
 
 /** Write options; NULL means none. */
@@ -212,10 +215,12 @@ COALESCE_API int cache_scan(
 
 /*
  * Writes. Each goes to the store first; memory changes only if the store
- * accepted it. @p rev (may be NULL) receives the store's revision: the
- * commit revision on success, the current one after a failed compare.
- * Common codes: COALESCE_EINVAL (key outside the prefix, before the store
- * is contacted), COALESCE_ENOTSTARTED, the store's codes.
+ * accepted it (if memory runs out while applying an accepted write, the
+ * write stands and the key reaches memory with the watch's echo). @p rev (may
+ * be NULL) receives the store's revision: the commit revision on success, the
+ * current one after a failed compare. Common codes: COALESCE_EINVAL (key
+ * outside the prefix, before the store is contacted), COALESCE_ENOTSTARTED, the
+ * store's codes.
  */
 
 /** @brief Put unconditionally. */
