@@ -58,7 +58,19 @@ STLIB := $(BUILD)/libcoalesce.a
 PC := $(BUILD)/libcoalesce.pc
 PC_DEV := $(BUILD)/uninstalled/libcoalesce.pc
 
-TEST_SRCS := $(wildcard test/check_*.c) test/helpers.c
+# libcoalesce-etcd: the etcd store, a separate library over libcurl and
+# jansson so that hosts without etcd never link them.
+ETCD_SRCS := lib/etcdstore.c
+ETCD_OBJS := $(ETCD_SRCS:lib/%.c=$(BUILD)/obj/%.o)
+ETCD_SONAME := libcoalesce-etcd.so.$(MAJOR)
+ETCD_SHLIB := $(BUILD)/libcoalesce-etcd.so.$(VERSION)
+ETCD_STLIB := $(BUILD)/libcoalesce-etcd.a
+ETCD_PC := $(BUILD)/libcoalesce-etcd.pc
+ETCD_PC_DEV := $(BUILD)/uninstalled/libcoalesce-etcd.pc
+# Expanded by the shell in recipes, after the packages are installed.
+ETCD_DEPLIBS = $$(pkg-config --libs libcurl jansson)
+
+TEST_SRCS := $(wildcard test/check_*.c) test/helpers.c test/etcd_env.c
 TEST_BIN := $(BUILD)/test/check_coalesce
 BENCH_SRCS := $(wildcard test/bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:test/bench/%.c=$(BUILD)/bench/%)
@@ -66,8 +78,9 @@ EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 
 # Debian packages each job needs; test/deps.sh installs the missing ones.
-DEPS_BUILD := gcc libc6-dev make pkgconf libxxhash-dev libuv1-dev
-DEPS_TEST := $(DEPS_BUILD) check binutils
+DEPS_BUILD := gcc libc6-dev make pkgconf libxxhash-dev libuv1-dev \
+	libcurl4-openssl-dev libjansson-dev
+DEPS_TEST := $(DEPS_BUILD) check binutils etcd-server openssl
 NEED = sh test/deps.sh
 
 .PHONY: all shared static pc check test-run check-exports check-core-no-uv \
@@ -84,14 +97,16 @@ deps-test:
 deps-valgrind:
 	$(Q)$(NEED) $(DEPS_TEST) valgrind
 
-shared: $(SHLIB)
-static: $(STLIB)
-pc: $(PC) $(PC_DEV)
+shared: $(SHLIB) $(ETCD_SHLIB)
+static: $(STLIB) $(ETCD_STLIB)
+pc: $(PC) $(PC_DEV) $(ETCD_PC) $(ETCD_PC_DEV)
 
 $(BUILD)/obj/%.o: lib/%.c $(HDRS) | deps-build
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $<")
-	$(Q)$(CC) $(ALL_CFLAGS) -c $< -o $@
+	$(Q)$(CC) $(ALL_CFLAGS) $(OBJ_CFLAGS) -c $< -o $@
+
+$(ETCD_OBJS): OBJ_CFLAGS = $$(pkg-config --cflags libcurl jansson)
 
 $(SHLIB): $(OBJS) lib/libcoalesce.map
 	@$(if $(Q),echo "  LINK    $@")
@@ -109,30 +124,46 @@ $(STLIB): $(OBJS)
 	$(Q)$(OBJCOPY) --localize-hidden $(BUILD)/coalesce_all.o
 	$(Q)rm -f $@ && $(AR) rcs $@ $(BUILD)/coalesce_all.o
 
-# The .pc file is regenerated when the install paths change.
+$(ETCD_SHLIB): $(ETCD_OBJS) lib/libcoalesce-etcd.map
+	@$(if $(Q),echo "  LINK    $@")
+	$(Q)$(CC) -shared -Wl,-soname,$(ETCD_SONAME) \
+		-Wl,--version-script=lib/libcoalesce-etcd.map -Wl,--no-undefined \
+		$(CFLAGS) $(SAN) $(LDFLAGS) -o $@ $(ETCD_OBJS) $(ETCD_DEPLIBS) \
+		$(LIBS) $(LDLIBS)
+	$(Q)ln -sf $(notdir $@) $(BUILD)/$(ETCD_SONAME)
+	$(Q)ln -sf $(ETCD_SONAME) $(BUILD)/libcoalesce-etcd.so
+
+$(ETCD_STLIB): $(ETCD_OBJS)
+	@$(if $(Q),echo "  AR      $@")
+	$(Q)$(LD) -r -o $(BUILD)/coalesce_etcd_all.o $(ETCD_OBJS)
+	$(Q)$(OBJCOPY) --localize-hidden $(BUILD)/coalesce_etcd_all.o
+	$(Q)rm -f $@ && $(AR) rcs $@ $(BUILD)/coalesce_etcd_all.o
+
+# The .pc files are regenerated when the install paths change.
 $(BUILD)/paths.stamp: FORCE
 	@mkdir -p $(@D)
 	@echo "$(PREFIX)|$(LIBDIR)|$(INCLUDEDIR)|$(VERSION)" | cmp -s - $@ 2>/dev/null || \
 		echo "$(PREFIX)|$(LIBDIR)|$(INCLUDEDIR)|$(VERSION)" > $@
 
-$(PC): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
+$(BUILD)/%.pc: pkgconfig/%.pc.in $(BUILD)/paths.stamp
 	$(Q)sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' \
 		-e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' -e 's|@VERSION@|$(VERSION)|' $< > $@
 
 # A .pc file pointing into this tree, for the examples and the smoke test.
-$(PC_DEV): pkgconfig/libcoalesce.pc.in $(BUILD)/paths.stamp
+$(BUILD)/uninstalled/%.pc: pkgconfig/%.pc.in $(BUILD)/paths.stamp
 	@mkdir -p $(@D)
 	$(Q)sed -e 's|@PREFIX@|$(CURDIR)|' -e 's|@LIBDIR@|$(abspath $(BUILD))|' \
 		-e 's|@INCLUDEDIR@|$(CURDIR)/include|' -e 's|@VERSION@|$(VERSION)|' $< > $@
 
 # --- Tests -------------------------------------------------------------------
 
-$(TEST_BIN): $(TEST_SRCS) test/helpers.h $(STLIB) $(HDRS) | deps-test
+$(TEST_BIN): $(TEST_SRCS) test/helpers.h test/etcd_env.h $(STLIB) $(ETCD_STLIB) \
+		$(HDRS) | deps-test
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes $$(pkg-config --cflags check) \
-		-Itest -o $@ $(TEST_SRCS) $(STLIB) $$(pkg-config --libs check) \
-		$(LIBS) $(LDFLAGS) $(LDLIBS)
+		-Itest -o $@ $(TEST_SRCS) $(ETCD_STLIB) $(STLIB) \
+		$$(pkg-config --libs check) $(ETCD_DEPLIBS) $(LIBS) $(LDFLAGS) $(LDLIBS)
 
 test-run: $(TEST_BIN)
 	$(Q)$(TEST_BIN)
@@ -140,16 +171,22 @@ test-run: $(TEST_BIN)
 check: deps-test all test-run check-exports check-core-no-uv check-cxx examples
 	@echo "check: all passed"
 
-# The exported dynamic symbols must be exactly the functions include/ declares.
-check-exports: $(SHLIB)
+# The exported dynamic symbols of each library must be exactly the functions
+# its headers declare (with COALESCE_API, or COALESCE_ETCD_API).
+# $(call exports,library,macro,name)
+define exports
 	$(Q)cat include/coalesce/*.h | grep -v '^ *#' | tr '\n' ' ' | tr ';' '\n' | \
-		grep 'COALESCE_API' | sed -E 's/.*COALESCE_API//; s/\(.*//; s/.*[ *]//' | grep . | sort -u \
-		> $(BUILD)/exports.declared
-	$(Q)nm -D --defined-only $(SHLIB) | awk '$$2 ~ /^[TDBR]$$/ {print $$3}' | \
-		sed 's/@.*//' | grep -v '^COALESCE_0$$' | sort -u > $(BUILD)/exports.actual
-	$(Q)if ! diff -u $(BUILD)/exports.declared $(BUILD)/exports.actual; then \
-		echo "check-exports: exported symbols differ from include/"; exit 1; fi
-	@echo "check-exports: $$(wc -l < $(BUILD)/exports.actual) symbols, as declared"
+		grep '$(2)' | sed -E 's/.*$(2)//; s/\(.*//; s/.*[ *]//' | grep . | sort -u \
+		> $(BUILD)/$(3).declared
+	$(Q)nm -D --defined-only $(1) | awk '$$2 ~ /^[TDBR]$$/ {print $$3}' | \
+		sed 's/@.*//' | grep -v '^COALESCE_\(ETCD_\)\?0$$' | sort -u > $(BUILD)/$(3).actual
+	$(Q)if ! diff -u $(BUILD)/$(3).declared $(BUILD)/$(3).actual; then \
+		echo "check-exports: $(3): exported symbols differ from include/"; exit 1; fi
+	@echo "check-exports: $(3): $$(wc -l < $(BUILD)/$(3).actual) symbols, as declared"
+endef
+check-exports: $(SHLIB) $(ETCD_SHLIB)
+	$(call exports,$(SHLIB),COALESCE_API,libcoalesce)
+	$(call exports,$(ETCD_SHLIB),COALESCE_ETCD_API,libcoalesce-etcd)
 
 # The core never includes <uv.h>; only the libuv adapter may.
 check-core-no-uv:
@@ -159,18 +196,20 @@ check-core-no-uv:
 
 # Public headers must compile as C++ too.
 check-cxx:
-	$(Q)echo '#include <coalesce.h>' | $(CXX) -x c++ -std=c++11 -Wall -Wextra \
+	$(Q)printf '#include <coalesce.h>\n#include <coalesce/etcd.h>\n' | $(CXX) -x c++ -std=c++11 -Wall -Wextra \
 		-Werror -pedantic -Iinclude -fsyntax-only -
 	@echo "check-cxx: headers compile as C++"
 
-# Examples build through pkg-config against the library just built.
-$(BUILD)/examples/%: examples/%.c $(SHLIB) $(PC_DEV) $(HDRS)
+# Examples build through pkg-config against the libraries just built; those
+# named etcd_* use libcoalesce-etcd.
+EXAMPLE_PC = $(if $(filter etcd_%,$(notdir $@)),libcoalesce-etcd,libcoalesce)
+$(BUILD)/examples/%: examples/%.c $(SHLIB) $(ETCD_SHLIB) $(PC_DEV) $(ETCD_PC_DEV) $(HDRS)
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) -std=c11 $(WARN) $(CFLAGS) $(SAN) \
-		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --cflags libcoalesce) \
+		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --cflags $(EXAMPLE_PC)) \
 		-o $@ $< -Wl,-rpath,$(abspath $(BUILD)) \
-		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs libcoalesce) -lpthread
+		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs $(EXAMPLE_PC)) -lpthread
 
 examples: $(EXAMPLE_BINS)
 
@@ -179,13 +218,17 @@ demo: deps-test $(BUILD)/examples/threads
 
 # --- Benchmarks ----------------------------------------------------------------
 
-$(BUILD)/bench/%: test/bench/%.c test/bench/bench.h $(STLIB) $(HDRS)
+# bench_etcd starts its own etcd with the tests' helpers (test/etcd_env.c).
+BENCH_EXTRA = $(if $(filter bench_etcd,$(notdir $@)),test/etcd_env.c \
+	$(ETCD_STLIB) $(ETCD_DEPLIBS))
+$(BUILD)/bench/%: test/bench/%.c test/bench/bench.h test/etcd_env.h \
+		test/etcd_env.c $(STLIB) $(ETCD_STLIB) $(HDRS)
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
-	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -o $@ $< $(STLIB) $(LIBS) \
-		$(LDFLAGS) $(LDLIBS)
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -Itest -o $@ $< \
+		$(BENCH_EXTRA) $(STLIB) $(LIBS) $(LDFLAGS) $(LDLIBS)
 
-bench: deps-build $(BENCH_BINS)
+bench: deps-test $(BENCH_BINS)
 	$(Q)for b in $(BENCH_BINS); do $$b || exit 1; done
 
 # --- Sanitizers and valgrind ---------------------------------------------------
@@ -208,8 +251,8 @@ valgrind: deps-valgrind $(TEST_BIN)
 
 # install compiles nothing: run "make" first (so "sudo make install" never
 # compiles as root). Only the .pc file is regenerated if the paths changed.
-install: $(PC)
-	@for f in $(SHLIB) $(STLIB); do test -f $$f || \
+install: $(PC) $(ETCD_PC)
+	@for f in $(SHLIB) $(STLIB) $(ETCD_SHLIB) $(ETCD_STLIB); do test -f $$f || \
 		{ echo "install: $$f is missing; run 'make' first"; exit 1; }; done
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR)/coalesce \
 		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(MANDIR)/man3
@@ -219,7 +262,11 @@ install: $(PC)
 	ln -sf libcoalesce.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce.so
 	$(INSTALL) -m 0644 $(STLIB) $(DESTDIR)$(LIBDIR)/
-	$(INSTALL) -m 0644 $(PC) $(DESTDIR)$(PKGCONFIGDIR)/
+	$(INSTALL) -m 0755 $(ETCD_SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf libcoalesce-etcd.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(ETCD_SONAME)
+	ln -sf $(ETCD_SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce-etcd.so
+	$(INSTALL) -m 0644 $(ETCD_STLIB) $(DESTDIR)$(LIBDIR)/
+	$(INSTALL) -m 0644 $(PC) $(ETCD_PC) $(DESTDIR)$(PKGCONFIGDIR)/
 	$(INSTALL) -m 0644 lib/libcoalesce.3 $(DESTDIR)$(MANDIR)/man3/
 
 uninstall:
@@ -229,6 +276,10 @@ uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libcoalesce.so.$(VERSION) \
 		$(DESTDIR)$(LIBDIR)/$(SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce.so \
 		$(DESTDIR)$(LIBDIR)/libcoalesce.a $(DESTDIR)$(PKGCONFIGDIR)/libcoalesce.pc \
+		$(DESTDIR)$(LIBDIR)/libcoalesce-etcd.so.$(VERSION) \
+		$(DESTDIR)$(LIBDIR)/$(ETCD_SONAME) $(DESTDIR)$(LIBDIR)/libcoalesce-etcd.so \
+		$(DESTDIR)$(LIBDIR)/libcoalesce-etcd.a \
+		$(DESTDIR)$(PKGCONFIGDIR)/libcoalesce-etcd.pc \
 		$(DESTDIR)$(MANDIR)/man3/libcoalesce.3
 
 # --- Housekeeping ----------------------------------------------------------------

@@ -17,6 +17,7 @@ _Static_assert(COALESCE_EINVAL == -EINVAL, "EINVAL");
 _Static_assert(COALESCE_ENOTSUP == -ENOTSUP, "ENOTSUP");
 _Static_assert(COALESCE_ETIMEDOUT == -ETIMEDOUT, "ETIMEDOUT");
 _Static_assert(COALESCE_ECANCELED == -ECANCELED, "ECANCELED");
+_Static_assert(COALESCE_EACCES == -EACCES, "EACCES");
 
 const char *coalesce_strerror(int err)
 {

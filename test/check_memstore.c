@@ -115,15 +115,15 @@ typedef struct kv {
     int64_t create, mod, version, lease;
 } kv_t;
 
-typedef struct kvlist {
+typedef struct ms_list {
     kv_t *v;
     size_t n, cap;
     size_t stop_after; /* 0: never stop */
-} kvlist_t;
+} ms_list_t;
 
 static int kvlist_cb(void *data, const cache_kv_t *kv)
 {
-    kvlist_t *l = data;
+    ms_list_t *l = data;
     if (l->n == l->cap) {
         l->cap = l->cap ? l->cap * 2 : 64;
         l->v = realloc(l->v, l->cap * sizeof(*l->v));
@@ -145,7 +145,7 @@ static int kvlist_cb(void *data, const cache_kv_t *kv)
     return l->stop_after && l->n >= l->stop_after;
 }
 
-static void kvlist_free(kvlist_t *l)
+static void kvlist_free(ms_list_t *l)
 {
     free(l->v);
     memset(l, 0, sizeof(*l));
@@ -158,7 +158,7 @@ static int range(cache_store_t *s,
                  size_t endlen,
                  int64_t rev,
                  size_t limit,
-                 kvlist_t *out,
+                 ms_list_t *out,
                  int64_t *hdr,
                  int *more)
 {
@@ -169,7 +169,7 @@ static int range(cache_store_t *s,
 /* The key at rev: 1 and *out if it exists then, 0 if not. */
 static int get(cache_store_t *s, const char *key, int64_t rev, kv_t *out)
 {
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     int64_t hdr = -1;
     int more = -1;
     ck_assert_int_eq(
@@ -486,7 +486,7 @@ START_TEST(ms_range_paging)
     put(s, "p", "prefix itself"); /* Before "p/" in byte order. */
 
     /* First page at the latest revision pins R0. */
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     int64_t r0 = 0;
     int more = 0;
     ck_assert_int_eq(range(s, "p/", 2, "p0", 2, 0, PAGE, &l, &r0, &more), 0);
@@ -608,7 +608,7 @@ START_TEST(ms_range_compaction)
     ck_assert_int_eq(rev, 5);
 
     ck_assert_int_eq(cache_memstore_compact(s, 5), 0);
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     ck_assert_int_eq(range(s, "a", 1, NULL, 0, 4, 0, &l, NULL, NULL),
                      COALESCE_ERANGE);
     ck_assert_int_eq(range(s, "", 0, "\0", 1, 1, 0, &l, NULL, NULL),
@@ -675,7 +675,7 @@ START_TEST(ms_auto_compact)
     kv_t kv;
     ck_assert_int_eq(get(s, "k", 8, &kv), 1);
     ck_assert_int_eq(kv.mod, 8);
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     ck_assert_int_eq(range(s, "k", 1, NULL, 0, 7, 0, &l, NULL, NULL),
                      COALESCE_ERANGE);
     /* A watch from the compacted part is canceled, one at its edge runs. */
@@ -900,7 +900,7 @@ START_TEST(ms_txn_limits)
                      0);
     ck_assert_int_eq(ok, 1);
     ck_assert_int_eq(rev, 2);
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     ck_assert_int_eq(range(s, "k", 1, "l", 1, 0, 0, &l, NULL, NULL), 0);
     ck_assert_uint_eq(l.n, MAXOPS);
     for (size_t i = 0; i < l.n; i++)
@@ -1464,7 +1464,7 @@ START_TEST(ms_lease_many_expire_in_order)
     } else {
         ck_assert_int_eq(rc, COALESCE_ENOENT); /* t2 expired first */
     }
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     ck_assert_int_eq(range(s, "k", 1, "l", 1, 0, 0, &l, NULL, NULL), 0);
     ck_assert_uint_eq(l.n, NL / 2);
     kvlist_free(&l);
@@ -1684,7 +1684,7 @@ START_TEST(ms_bulk_load_paged)
     }
     double t1 = now_ms();
     /* The cache's load: pages of 500 at the first page's revision. */
-    kvlist_t l = {0};
+    ms_list_t l = {0};
     int64_t r0 = 0;
     int more = 1;
     char from[32] = "bulk/";
@@ -1763,7 +1763,7 @@ START_TEST(ms_alloc_failures)
         rc = txn_ops(s, ops, 10, NULL, NULL);
         nomem_ok(rc);
         ck_assert_int_eq(rev_of(s), before + (rc == 0));
-        kvlist_t l = {0};
+        ms_list_t l = {0};
         if (rc) {
             ck_assert_int_eq(range(s, "", 0, "\0", 1, 0, 0, &l, NULL, NULL), 0);
             ck_assert_uint_eq(l.n, 0);

@@ -1,9 +1,14 @@
 #include "helpers.h"
 
+#include "etcd_env.h"
+
+#include <inttypes.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static atomic_long live;
 static atomic_long count;
@@ -113,6 +118,47 @@ double test_timeout(double seconds)
 {
     const char *v = getenv("CK_VALGRIND");
     return v && *v == '1' ? seconds * 20 : seconds;
+}
+
+/* --- The shared etcd ------------------------------------------------------ */
+
+static etcd_env_t shared_etcd;
+static pid_t shared_etcd_owner;
+static bool shared_etcd_up;
+
+static void shared_etcd_stop(void)
+{
+    /* Forked tests run atexit handlers too: only the starter stops it. */
+    if (shared_etcd_up && getpid() == shared_etcd_owner) {
+        etcd_env_stop(&shared_etcd);
+        shared_etcd_up = false;
+    }
+}
+
+void test_etcd_setup(void)
+{
+    if (shared_etcd_up)
+        return;
+    if (!etcd_env_available()) {
+        fprintf(stderr, "\n*** etcd is not available: the tests that run "
+                        "against a real etcd will FAIL.\n*** Install it with: "
+                        "sudo apt-get install -y etcd-server\n\n");
+        return;
+    }
+    etcd_env_opts_t o = {.members = 1};
+    if (etcd_env_start(&shared_etcd, &o) != 0) {
+        fprintf(stderr, "\n*** etcd could not be started: the tests that "
+                        "run against a real etcd will FAIL.\n\n");
+        return;
+    }
+    shared_etcd_owner = getpid();
+    shared_etcd_up = true;
+    atexit(shared_etcd_stop);
+}
+
+const char *test_etcd_endpoints(void)
+{
+    return shared_etcd_up ? shared_etcd.endpoints : NULL;
 }
 
 /* --- Test fixtures (check_flight.c, check_range.c) ------------------------ */
@@ -445,4 +491,130 @@ void notify_cb(flight_reader_t *r, void *data)
     atomic_store(&n->in_cb, 0);
     if (n->signal)
         counter_add(n->signal, 1);
+}
+
+/* --- Key/value lists --------------------------------------------------------
+ */
+
+int kvl_cmp_keys(const void *a, size_t al, const void *b, size_t bl)
+{
+    size_t n = al < bl ? al : bl;
+    int c = memcmp(a, b, n);
+    if (c)
+        return c;
+    return al < bl ? -1 : al > bl;
+}
+
+void kvl_add(kvlist_t *l,
+             const void *k,
+             size_t kl,
+             const void *v,
+             size_t vl,
+             const cache_meta_t *m)
+{
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        kvrec_t *nv = realloc(l->v, l->cap * sizeof(*nv));
+        if (!nv)
+            abort();
+        l->v = nv;
+    }
+    if (l->n > 0 &&
+        kvl_cmp_keys(l->v[l->n - 1].key, l->v[l->n - 1].keylen, k, kl) >= 0)
+        l->disorder = 1;
+    kvrec_t *r = &l->v[l->n++];
+    r->key = malloc(kl + 1);
+    r->val = malloc(vl + 1);
+    if (!r->key || !r->val)
+        abort();
+    memcpy(r->key, k, kl);
+    r->key[kl] = 0;
+    r->keylen = kl;
+    if (vl)
+        memcpy(r->val, v, vl);
+    r->val[vl] = 0;
+    r->vallen = vl;
+    r->meta = *m;
+}
+
+void kvl_free(kvlist_t *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->v[i].key);
+        free(l->v[i].val);
+    }
+    free(l->v);
+    memset(l, 0, sizeof(*l));
+}
+
+int kvl_store_cb(void *data, const cache_kv_t *kv)
+{
+    cache_meta_t m = {kv->create_rev, kv->mod_rev, kv->version, kv->lease};
+    kvl_add(data, kv->key, kv->keylen, kv->value, kv->vallen, &m);
+    return 0;
+}
+
+int kvl_scan_cb(void *data,
+                const void *key,
+                size_t keylen,
+                coalesce_buf_t *value,
+                const cache_meta_t *meta)
+{
+    kvl_add(data, key, keylen, coalesce_buf_data(value),
+            coalesce_buf_len(value), meta);
+    return 0;
+}
+
+void kvl_fmt_key(char *out, size_t cap, const void *k, size_t kl)
+{
+    const unsigned char *b = k;
+    size_t o = 0;
+    for (size_t i = 0; i < kl && o + 5 < cap; i++) {
+        if (b[i] >= 0x20 && b[i] < 0x7f)
+            out[o++] = (char)b[i];
+        else
+            o += (size_t)snprintf(out + o, cap - o, "\\x%02x", b[i]);
+    }
+    out[o] = 0;
+}
+
+/* 0 if equal, key by key, value and metadata; else a message. */
+int kvl_diff(const kvlist_t *a, const kvlist_t *b, char *msg, size_t cap)
+{
+    char k[200];
+    size_t n = a->n < b->n ? a->n : b->n;
+    for (size_t i = 0; i < n; i++) {
+        const kvrec_t *x = &a->v[i], *y = &b->v[i];
+        if (kvl_cmp_keys(x->key, x->keylen, y->key, y->keylen) != 0) {
+            char k2[200];
+            kvl_fmt_key(k, sizeof(k), x->key, x->keylen);
+            kvl_fmt_key(k2, sizeof(k2), y->key, y->keylen);
+            snprintf(msg, cap, "entry %zu: key %s vs %s", i, k, k2);
+            return 1;
+        }
+        kvl_fmt_key(k, sizeof(k), x->key, x->keylen);
+        if (x->vallen != y->vallen || memcmp(x->val, y->val, x->vallen)) {
+            snprintf(msg, cap, "key %s: value \"%.60s\" vs \"%.60s\"", k,
+                     (const char *)x->val, (const char *)y->val);
+            return 1;
+        }
+        if (memcmp(&x->meta, &y->meta, sizeof(x->meta)) != 0) {
+            snprintf(msg, cap,
+                     "key %s: meta create %" PRId64 " mod %" PRId64
+                     " version %" PRId64 " lease %" PRId64 " vs create %" PRId64
+                     " mod %" PRId64 " version %" PRId64 " lease %" PRId64,
+                     k, x->meta.create_rev, x->meta.mod_rev, x->meta.version,
+                     x->meta.lease, y->meta.create_rev, y->meta.mod_rev,
+                     y->meta.version, y->meta.lease);
+            return 1;
+        }
+    }
+    if (a->n != b->n) {
+        const kvrec_t *x = a->n > b->n ? &a->v[n] : &b->v[n];
+        kvl_fmt_key(k, sizeof(k), x->key, x->keylen);
+        snprintf(msg, cap, "%zu vs %zu entries; first extra %s (in the %s)",
+                 a->n, b->n, k, a->n > b->n ? "first" : "second");
+        return 1;
+    }
+    return 0;
 }

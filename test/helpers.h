@@ -59,6 +59,56 @@ int test_check(const unsigned char *buf,
 /* Timeouts are multiplied under valgrind (CK_VALGRIND=1 set by make). */
 double test_timeout(double seconds);
 
+/*
+ * The etcd shared by the suites that run against a real etcd (cache, etcd):
+ * check_main starts it once, in the parent process, before the suites run
+ * (forked tests inherit it), and stops it by PID at exit. Each test uses its
+ * own key prefix. test_etcd_endpoints() is NULL if etcd could not be
+ * started; the tests that need it then fail, saying why.
+ */
+void test_etcd_setup(void);
+const char *test_etcd_endpoints(void);
+Suite *make_etcd_suite(void);
+
+/*
+ * Key/value lists, to compare a cache's scan with a store's range: keys in
+ * byte order (disorder set otherwise), values and metadata copied.
+ */
+typedef struct kvrec {
+    char *key; /* NUL-terminated copies (keys may hold NULs too) */
+    size_t keylen;
+    char *val;
+    size_t vallen;
+    cache_meta_t meta;
+} kvrec_t;
+
+typedef struct kvlist {
+    kvrec_t *v;
+    size_t n, cap;
+    int disorder; /* a key not after the previous one */
+    int rc;
+} kvlist_t;
+
+int kvl_cmp_keys(const void *a, size_t al, const void *b, size_t bl);
+void kvl_add(kvlist_t *l,
+             const void *k,
+             size_t kl,
+             const void *v,
+             size_t vl,
+             const cache_meta_t *m);
+void kvl_free(kvlist_t *l);
+/* Callbacks for a store's range and for cache_scan(); data is a kvlist_t. */
+int kvl_store_cb(void *data, const cache_kv_t *kv);
+int kvl_scan_cb(void *data,
+                const void *key,
+                size_t keylen,
+                coalesce_buf_t *value,
+                const cache_meta_t *meta);
+/* A key printable in a message (bytes outside ASCII escaped). */
+void kvl_fmt_key(char *out, size_t cap, const void *k, size_t kl);
+/* 0 if a and b are equal (keys, values, metadata); else 1 and why. */
+int kvl_diff(const kvlist_t *a, const kvlist_t *b, char *msg, size_t cap);
+
 /* --- Test fixtures (check_flight.c, check_range.c) ------------------------ */
 
 #define KiB ((size_t)1024)

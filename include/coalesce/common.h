@@ -70,7 +70,8 @@ extern "C" {
     XX(EMISMATCH, -9008, "upstream reply does not match the request")          \
     XX(ENOTSTARTED, -9009, "cache is not running")                             \
     XX(EDECODE, -9010, "store returned data it could not decode")              \
-    XX(EOVERFLOW, -9011, "cache bounds exceeded")
+    XX(EOVERFLOW, -9011, "cache bounds exceeded")                              \
+    XX(EACCES, -13, "permission denied")
 
 /** Error codes. */
 typedef enum coalesce_errno {
