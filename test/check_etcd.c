@@ -212,101 +212,101 @@ static int port_of(const char *url)
 
 /* --- Servers started by tests (stopped by the teardown if a test fails) -- */
 
-#define MAX_LIVE 4
+/* Servers a test started: an etcd, a proxy or a fake server each, with
+ * how to stop it. */
+#define MAX_LIVE 12
 
-static etcd_env_t *live_env[MAX_LIVE];
-static tcp_proxy_t *live_proxy[MAX_LIVE];
-static fake_http_t *live_fake[MAX_LIVE];
+typedef struct live {
+    void *p;
+    void (*stop)(void *p);
+} live_t;
+
+static live_t live[MAX_LIVE];
+
+static void *live_add(void *p, void (*stop)(void *p))
+{
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (!live[i].p) {
+            live[i] = (live_t){p, stop};
+            return p;
+        }
+    stop(p);
+    ck_abort_msg("too many servers started by one test");
+    return NULL;
+}
+
+/* Stops p now (NULL: everything still running). */
+static void live_stop(void *p)
+{
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (live[i].p && (!p || live[i].p == p)) {
+            live_t l = live[i];
+            live[i].p = NULL;
+            l.stop(l.p);
+        }
+}
+
+static void stop_env(void *p)
+{
+    etcd_env_stop(p);
+    free(p);
+}
+
+static void stop_proxy(void *p)
+{
+    tcp_proxy_stop(p);
+}
+
+static void stop_fake(void *p)
+{
+    fake_http_stop(p);
+}
 
 static etcd_env_t *env_up(const etcd_env_opts_t *o)
 {
     ck_assert_msg(etcd_env_available(), "etcd is not installed (see above)");
-    int slot = -1;
-    for (int i = 0; i < MAX_LIVE && slot < 0; i++)
-        if (!live_env[i])
-            slot = i;
-    ck_assert_int_ge(slot, 0);
     etcd_env_t *e = calloc(1, sizeof(*e));
     ck_assert_ptr_nonnull(e);
     if (etcd_env_start(e, o) != 0) {
         free(e);
         ck_abort_msg("etcd_env_start failed (see stderr)");
     }
-    live_env[slot] = e;
-    return e;
+    return live_add(e, stop_env);
 }
 
 static void env_down(etcd_env_t *e)
 {
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (live_env[i] == e)
-            live_env[i] = NULL;
-    etcd_env_stop(e);
-    free(e);
+    live_stop(e);
 }
 
 static tcp_proxy_t *proxy_up(int port)
 {
     tcp_proxy_t *p = NULL;
     ck_assert_int_eq(tcp_proxy_start(&p, port), 0);
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (!live_proxy[i]) {
-            live_proxy[i] = p;
-            return p;
-        }
-    tcp_proxy_stop(p);
-    ck_abort_msg("too many proxies");
-    return NULL;
+    return live_add(p, stop_proxy);
 }
 
 static void proxy_down(tcp_proxy_t *p)
 {
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (live_proxy[i] == p)
-            live_proxy[i] = NULL;
-    tcp_proxy_stop(p);
+    live_stop(p);
 }
 
 static fake_http_t *fake_up(fake_handler_t h, void *data)
 {
     fake_http_t *f = NULL;
     ck_assert_int_eq(fake_http_start(&f, h, data), 0);
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (!live_fake[i]) {
-            live_fake[i] = f;
-            return f;
-        }
-    fake_http_stop(f);
-    ck_abort_msg("too many fake servers");
-    return NULL;
+    return live_add(f, stop_fake);
 }
 
 static void fake_down(fake_http_t *f)
 {
-    for (int i = 0; i < MAX_LIVE; i++)
-        if (live_fake[i] == f)
-            live_fake[i] = NULL;
-    fake_http_stop(f);
+    live_stop(f);
 }
 
 /* Checked teardown: whatever a failed test left running. */
 static void live_teardown(void)
 {
-    for (int i = 0; i < MAX_LIVE; i++) {
-        if (live_env[i]) {
-            etcd_env_stop(live_env[i]);
-            free(live_env[i]);
-            live_env[i] = NULL;
-        }
-        if (live_proxy[i]) {
-            tcp_proxy_stop(live_proxy[i]);
-            live_proxy[i] = NULL;
-        }
-        if (live_fake[i]) {
-            fake_http_stop(live_fake[i]);
-            live_fake[i] = NULL;
-        }
-    }
+    live_stop(NULL);
 }
 
 /* --- Stores --------------------------------------------------------------- */
@@ -492,55 +492,6 @@ static void assert_cache_is_etcd(cache_t *c,
 }
 
 /* --- Caches and their reports --------------------------------------------- */
-
-#define NWHAT 8
-
-typedef struct replog {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    long n[NWHAT];
-    int code[NWHAT];
-    int64_t rev[NWHAT];
-} replog_t;
-
-static void replog_init(replog_t *l)
-{
-    memset(l, 0, sizeof(*l));
-    pthread_mutex_init(&l->mu, NULL);
-    pthread_cond_init(&l->cv, NULL);
-}
-
-static void replog_destroy(replog_t *l)
-{
-    pthread_cond_destroy(&l->cv);
-    pthread_mutex_destroy(&l->mu);
-}
-
-static void replog_cb(void *data, int what, int code, int64_t revision)
-{
-    replog_t *l = data;
-    pthread_mutex_lock(&l->mu);
-    int i = what > 0 && what < NWHAT ? what : 0;
-    l->n[i]++;
-    l->code[i] = code;
-    l->rev[i] = revision;
-    pthread_cond_broadcast(&l->cv);
-    pthread_mutex_unlock(&l->mu);
-}
-
-/* Waits until n reports of what: true if they came. */
-static bool replog_wait(replog_t *l, int what, long n, int ms)
-{
-    struct timespec ts;
-    abs_after(&ts, ms_scaled(ms));
-    pthread_mutex_lock(&l->mu);
-    int rc = 0;
-    while (l->n[what] < n && rc == 0)
-        rc = pthread_cond_timedwait(&l->cv, &l->mu, &ts);
-    bool ok = l->n[what] >= n;
-    pthread_mutex_unlock(&l->mu);
-    return ok;
-}
 
 static cache_t *cache_over(cache_store_t *s, const char *pfx, replog_t *log)
 {

@@ -618,3 +618,85 @@ int kvl_diff(const kvlist_t *a, const kvlist_t *b, char *msg, size_t cap)
     }
     return 0;
 }
+
+/* --- The report log ------------------------------------------------------- */
+
+/* CLOCK_REALTIME + ms, for pthread_cond_timedwait. */
+static void deadline_after(struct timespec *ts, int ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += ms / 1000;
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+void replog_init(replog_t *l)
+{
+    memset(l, 0, sizeof(*l));
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+}
+
+void replog_destroy(replog_t *l)
+{
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+}
+
+void replog_cb(void *data, int what, int code, int64_t revision)
+{
+    replog_t *l = data;
+    pthread_mutex_lock(&l->mu);
+    if (l->stopped)
+        l->after_stop++;
+    int i = what > 0 && what < NWHAT ? what : 0;
+    l->n[i]++;
+    l->code[i] = code;
+    l->rev[i] = revision;
+    l->total++;
+    pthread_cond_broadcast(&l->cv);
+    if (l->block) {
+        struct timespec ts;
+        deadline_after(&ts, (int)(test_timeout(10.0) * 1000.0));
+        l->blocked++;
+        pthread_cond_broadcast(&l->cv);
+        int rc = 0;
+        while (l->block && rc == 0)
+            rc = pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+        if (l->block)
+            l->block_timeouts++;
+        l->blocked--;
+    }
+    if (l->stopped)
+        l->after_stop++;
+    pthread_mutex_unlock(&l->mu);
+}
+
+void replog_set(replog_t *l, int *field, int v)
+{
+    pthread_mutex_lock(&l->mu);
+    *field = v;
+    pthread_cond_broadcast(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+/* Waits until n reports of what (or blocked callbacks if what < 0). */
+bool replog_wait(replog_t *l, int what, long n, int ms)
+{
+    struct timespec ts;
+    deadline_after(&ts, (int)(test_timeout(ms / 1000.0) * 1000.0));
+    pthread_mutex_lock(&l->mu);
+    int rc = 0;
+    for (;;) {
+        long have = what < 0 ? l->blocked : l->n[what];
+        if (have >= n || rc != 0)
+            break;
+        rc = pthread_cond_timedwait(&l->cv, &l->mu, &ts);
+    }
+    long have = what < 0 ? l->blocked : l->n[what];
+    pthread_mutex_unlock(&l->mu);
+    return have >= n;
+}

@@ -71,6 +71,36 @@ const char *test_etcd_endpoints(void);
 Suite *make_etcd_suite(void);
 
 /*
+ * A cache's report log (cache_opts_t.report = replog_cb, report_data = the
+ * log): counts, last code and revision per kind; optionally blocks the
+ * callback (block) to test that reports never hold up the watch.
+ */
+#define NWHAT 8
+
+typedef struct replog {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    long n[NWHAT];
+    int code[NWHAT];
+    int64_t rev[NWHAT];
+    long total;
+    int stopped;     /* set once cache_stop() returned */
+    long after_stop; /* callbacks that ran (in part) after that */
+    int block;       /* while set, callbacks wait (at most 10 s) */
+    int blocked;
+    long block_timeouts;
+} replog_t;
+
+void replog_init(replog_t *l);
+void replog_destroy(replog_t *l);
+void replog_cb(void *data, int what, int code, int64_t revision);
+/* Sets a field under the log's lock and wakes waiters. */
+void replog_set(replog_t *l, int *field, int v);
+/* Waits (ms, scaled under valgrind) until n reports of what, or n blocked
+ * callbacks if what < 0: true if they came. */
+bool replog_wait(replog_t *l, int what, long n, int ms);
+
+/*
  * Key/value lists, to compare a cache's scan with a store's range: keys in
  * byte order (disorder set otherwise), values and metadata copied.
  */
