@@ -67,7 +67,7 @@ static int map_grpc(long code, const char *msg)
             strstr(msg, "user name is empty") ||
             strstr(msg, "invalid auth token"))
             return COALESCE_EACCES;
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     case 4:
         return COALESCE_ETIMEDOUT;
     case 5:
@@ -184,6 +184,9 @@ static long b64_dec(const char *s, size_t len, unsigned char *out)
                 return -1;
             }
         }
+        /* Canonical: the bits padding leaves unused must be 0. */
+        if ((pad == 2 && (v[1] & 15)) || (pad == 1 && (v[2] & 3)))
+            return -1;
         uint32_t x = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 |
                      (uint32_t)v[2] << 6 | (uint32_t)v[3];
         out[n++] = (unsigned char)(x >> 16);
@@ -366,14 +369,17 @@ static etcd_t *as_etcd(cache_store_t *s)
 typedef struct rbuf {
     char *p;
     size_t len, cap;
+    bool too_big; /* over MAX_REPLY: refused */
 } rbuf_t;
 
 static size_t rbuf_write(char *ptr, size_t size, size_t nmemb, void *ud)
 {
     rbuf_t *b = ud;
     size_t n = size * nmemb;
-    if (b->len + n + 1 > MAX_REPLY)
+    if (b->len + n + 1 > MAX_REPLY) {
+        b->too_big = true;
         return 0;
+    }
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 1024;
         while (cap < b->len + n + 1)
@@ -505,7 +511,7 @@ static int post_once(etcd_t *e,
     char url[1024];
     snprintf(url, sizeof(url), "%s%s", e->eps[ep], path);
     struct curl_slist *hd = NULL, *t;
-    char auth[1024];
+    char auth[4200];
     bool ok = (hd = curl_slist_append(NULL, "Content-Type: application/json"));
     if (ok && (t = curl_slist_append(hd, "Expect:")))
         hd = t;
@@ -524,6 +530,7 @@ static int post_once(etcd_t *e,
         return fail(COALESCE_ENOMEM, "etcd: out of memory");
     }
     reply->len = 0;
+    reply->too_big = false;
     c->err[0] = 0;
     curl_easy_setopt(c->h, CURLOPT_URL, url);
     curl_easy_setopt(c->h, CURLOPT_HTTPHEADER, hd);
@@ -584,6 +591,14 @@ static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl);
 /* The current token (copied into buf), authenticating if there is none. */
 static int get_token(etcd_t *e, char *buf, size_t len)
 {
+    /* Fast path: a token is there; nobody waits for an authentication. */
+    pthread_mutex_lock(&e->mu);
+    bool ready = e->token && strlen(e->token) < len;
+    if (ready)
+        snprintf(buf, len, "%s", e->token);
+    pthread_mutex_unlock(&e->mu);
+    if (ready)
+        return 0;
     pthread_mutex_lock(&e->auth_mu);
     pthread_mutex_lock(&e->mu);
     bool have = e->token != NULL;
@@ -650,7 +665,7 @@ static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl)
         return fail(COALESCE_ENOMEM, "etcd: out of memory");
     bool auth = e->user && !(fl & R_NO_AUTH);
     bool renewed = false;
-    char token[512];
+    char token[4096];
     rbuf_t r = {0};
     int rc = COALESCE_EIO;
     size_t first = atomic_load(&e->cur);
@@ -665,6 +680,12 @@ static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl)
         if ((rc = post_once(e, ep, path, body, fl & R_IDEMPOTENT,
                             auth ? token : NULL, &r, &status, &cc, &sent)) != 0)
             break;
+        if (cc == CURLE_WRITE_ERROR && r.too_big) {
+            /* Another member would send the same: no retry. */
+            rc = fail(COALESCE_EBACKEND, "etcd %s: reply over %u MiB", path,
+                      MAX_REPLY >> 20);
+            break;
+        }
         if (cc != CURLE_OK) {
             rc = map_curl(cc);
             /* Unreachable (refused, connect timeout): nothing happened. */
@@ -711,8 +732,9 @@ static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl)
 
 static int header_rev(const json_t *resp, int64_t *rev)
 {
-    if (j_int(json_object_get(resp, "header"), "revision", rev))
-        return fail(COALESCE_EDECODE, "etcd: bad header revision");
+    json_t *h = json_object_get(resp, "header");
+    if (!json_is_object(h) || j_int(h, "revision", rev) || *rev <= 0)
+        return fail(COALESCE_EDECODE, "etcd: no header revision");
     return 0;
 }
 
@@ -745,7 +767,7 @@ static int e_range(cache_store_t *s,
     etcd_t *e = as_etcd(s);
     if (!e || (!key && keylen) || (!end && endlen) || rev < 0 ||
         limit > INT64_MAX)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     json_t *q = range_req(key, keylen, end, endlen);
     if (!q || (limit && j_set_int(q, "limit", (int64_t)limit)) ||
         (rev && j_set_int(q, "revision", rev))) {
@@ -904,10 +926,10 @@ static int e_txn(cache_store_t *s,
     etcd_t *e = as_etcd(s);
     if (!e || (!cmps && ncmps) || (!ops && nops) || nops > CACHE_TXN_MAX_OPS ||
         ncmps > CACHE_TXN_MAX_OPS)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     for (size_t i = 0; i < nops; i++)
         if (ops[i].type != CACHE_OP_PUT && ops[i].type != CACHE_OP_DELETE)
-            return COALESCE_EINVAL;
+            return fail(COALESCE_EINVAL, "etcd: bad argument");
     if (!ncmps && nops == 1 && ops[0].type == CACHE_OP_PUT)
         return put_only(e, ops, succeeded, rev, results);
     json_t *q = json_object(), *ca = json_array(), *sa = json_array();
@@ -940,7 +962,7 @@ static int e_txn(cache_store_t *s,
         rc = fail(COALESCE_EDECODE, "etcd: bad txn reply");
         goto out;
     }
-    for (size_t i = 0; ok && results && i < nops; i++) {
+    for (size_t i = 0; !rc && ok && results && i < nops; i++) {
         json_t *r = json_array_get(rs, i);
         cache_op_result_t *res = &results[i];
         memset(res, 0, sizeof(*res));
@@ -971,7 +993,7 @@ static int lease_call(
     etcd_t *e = as_etcd(s);
     *resp = NULL;
     if (!e)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     json_t *q = json_object();
     if (!q || j_set_int(q, "ID", id)) {
         json_decref(q);
@@ -984,7 +1006,7 @@ static int e_lease_grant(cache_store_t *s, int64_t ttl_ms, int64_t *id)
 {
     etcd_t *e = as_etcd(s);
     if (!e || ttl_ms <= 0 || !id)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     json_t *q = json_object(), *resp;
     /* etcd leases are whole seconds: round up, never shorten. */
     if (!q || j_set_int(q, "TTL", ttl_ms / 1000 + (ttl_ms % 1000 != 0))) {
@@ -1045,7 +1067,7 @@ COALESCE_ETCD_API int cache_etcd_compact(cache_store_t *s, int64_t rev)
 {
     etcd_t *e = as_etcd(s);
     if (!e || rev <= 0)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     json_t *resp, *q = json_object();
     if (!q || j_set_int(q, "revision", rev)) {
         json_decref(q);
@@ -1060,7 +1082,7 @@ COALESCE_ETCD_API int cache_etcd_revision(cache_store_t *s, int64_t *rev)
 {
     etcd_t *e = as_etcd(s);
     if (!e || !rev)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     /* One key (a NUL byte) that nobody uses: the header is what we want. */
     json_t *resp, *q = range_req("", 1, NULL, 0);
     if (!q || json_object_set_new(q, "count_only", json_true())) {
@@ -1099,7 +1121,7 @@ struct ewatch {
     int term;           /* the canceling error, 0 while running */
     int64_t compact;    /* with COALESCE_ERANGE */
     bool token_refused; /* etcd said the token expired */
-    char token[512];    /* the token this connection used */
+    char token[4096];   /* the token this connection used */
     char why[512];      /* the watch thread's message, for watch()'s caller */
     CURL *h;            /* this connection */
     long status;        /* its HTTP status, once known */
@@ -1268,7 +1290,7 @@ static CURLcode w_stream(ewatch_t *w, size_t ep, long *status, bool *sent)
 {
     etcd_t *e = w->e;
     char errbuf[CURL_ERROR_SIZE] = "";
-    char url[1024], auth[1024];
+    char url[1024], auth[4200];
     CURL *h = curl_easy_init();
     struct curl_slist *hd = NULL, *t;
     CURLcode cc = CURLE_OUT_OF_MEMORY;
@@ -1362,9 +1384,12 @@ static void *w_main(void *arg)
         if (w->state == W_CREATED) {
             /* It ran: whatever ended it is the canceling response. */
             if (!w->term)
-                w->term = cc == CURLE_OK || cc == CURLE_WRITE_ERROR
-                              ? COALESCE_EIO
-                              : map_curl(cc);
+                w->term = COALESCE_EIO;
+            /* store.h allows three canceling codes: the stream's own
+             * error codes say why in last_err, the cache just resumes. */
+            if (w->term != COALESCE_EDECODE &&
+                !(w->term == COALESCE_ERANGE && w->compact > 0))
+                w->term = COALESCE_EIO;
             if (w->token_refused)
                 drop_token(e, w->token); /* the resume renews it */
             atomic_store(&e->cur, ep);
@@ -1436,7 +1461,7 @@ static int e_watch(cache_store_t *s,
     etcd_t *e = as_etcd(s);
     if (!e || !cb || !out || (!key && keylen) || (!end && endlen) ||
         start_rev < 0)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     ewatch_t *w = calloc(1, sizeof(*w));
     if (!w)
         return fail(COALESCE_ENOMEM, "etcd: out of memory");
@@ -1598,7 +1623,7 @@ COALESCE_ETCD_API int cache_etcd_new(cache_store_t **out,
                                      const cache_etcd_opts_t *opts)
 {
     if (!out)
-        return COALESCE_EINVAL;
+        return fail(COALESCE_EINVAL, "etcd: bad argument");
     *out = NULL;
     if (!opts || opts->size != sizeof(*opts) || !opts->endpoints ||
         (opts->password && !opts->username) || opts->connect_timeout_ms < 0 ||

@@ -2544,6 +2544,12 @@ START_TEST(test_fake_unary)
         NULL, /* bad base64 key */
         NULL, /* unpadded value */
         NULL, /* no mod_revision */
+        /* No header: no revision to report. */
+        "{\"kvs\":[]}",
+        /* Non-canonical base64 ("QR==" has padding bits set; "QQ==" is
+         * "A"): two spellings must not decode to one key. */
+        "{\"header\":{\"revision\":\"7\"},\"kvs\":[{\"key\":\"QR==\","
+        "\"mod_revision\":\"6\"}]}",
     };
     for (size_t i = 0; i < sizeof(decode) / sizeof(decode[0]); i++) {
         const char *b = decode[i];
