@@ -46,9 +46,9 @@ endif
 # The project's own flags come first and cannot be removed by CFLAGS.
 COALESCE_CFLAGS := -std=c11 -fPIC -fvisibility=hidden $(WARN) -Iinclude -Ilib
 ALL_CFLAGS = $(COALESCE_CFLAGS) $(CPPFLAGS) $(CFLAGS) $(SAN)
-LIBS := -lpthread
+LIBS := -luv -lpthread
 
-SRCS := lib/common.c lib/buf.c lib/flight.c lib/memstore.c lib/cache.c
+SRCS := lib/common.c lib/buf.c lib/flight.c lib/uv.c lib/memstore.c lib/cache.c
 OBJS := $(SRCS:lib/%.c=$(BUILD)/obj/%.o)
 HDRS := $(wildcard include/*.h include/coalesce/*.h lib/*.h)
 
@@ -70,7 +70,7 @@ ETCD_PC_DEV := $(BUILD)/uninstalled/libcoalesce-etcd.pc
 # Expanded by the shell in recipes, after the packages are installed.
 ETCD_DEPLIBS = $$(pkg-config --libs libcurl jansson)
 
-TEST_SRCS := $(wildcard test/check_*.c) test/helpers.c test/etcd_env.c
+TEST_SRCS := $(wildcard test/check_*.c) test/helpers.c test/etcd_env.c test/e2e.c
 TEST_BIN := $(BUILD)/test/check_coalesce
 BENCH_SRCS := $(wildcard test/bench/*.c)
 BENCH_BINS := $(BENCH_SRCS:test/bench/%.c=$(BUILD)/bench/%)
@@ -80,20 +80,27 @@ EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 # Debian packages each job needs; test/deps.sh installs the missing ones.
 DEPS_BUILD := gcc libc6-dev make pkgconf libxxhash-dev libuv1-dev \
 	libcurl4-openssl-dev libjansson-dev
-DEPS_TEST := $(DEPS_BUILD) check binutils etcd-server openssl
+DEPS_EXAMPLES := $(DEPS_BUILD) libhttp-parser-dev
+DEPS_TEST := $(DEPS_EXAMPLES) check binutils etcd-server openssl
+DEPS_BENCH := $(DEPS_TEST) wrk
 NEED = sh test/deps.sh
 
 .PHONY: all shared static pc check test-run check-exports check-core-no-uv \
 	check-cxx examples demo bench install uninstall clean asan ubsan tsan \
-	valgrind format format-check docs deps-build deps-test deps-valgrind \
+	valgrind format format-check docs deps-build deps-examples deps-test \
+	deps-bench deps-valgrind \
 	FORCE
 
 all: shared static pc
 
 deps-build:
 	$(Q)$(NEED) $(DEPS_BUILD)
+deps-examples:
+	$(Q)$(NEED) $(DEPS_EXAMPLES)
 deps-test:
 	$(Q)$(NEED) $(DEPS_TEST)
+deps-bench:
+	$(Q)$(NEED) $(DEPS_BENCH)
 deps-valgrind:
 	$(Q)$(NEED) $(DEPS_TEST) valgrind
 
@@ -157,13 +164,17 @@ $(BUILD)/uninstalled/%.pc: pkgconfig/%.pc.in $(BUILD)/paths.stamp
 
 # --- Tests -------------------------------------------------------------------
 
-$(TEST_BIN): $(TEST_SRCS) test/helpers.h test/etcd_env.h $(STLIB) $(ETCD_STLIB) \
-		$(HDRS) | deps-test
+# The proxy suite runs the example proxy and origin, built with the same flags.
+E2E_BINS := $(BUILD)/examples/proxy $(BUILD)/examples/origin
+E2E_CFLAGS = -DE2E_BINDIR='"$(abspath $(BUILD))/examples"'
+$(TEST_BIN): $(TEST_SRCS) test/helpers.h test/etcd_env.h test/e2e.h $(STLIB) \
+		$(ETCD_STLIB) $(HDRS) $(E2E_BINS) | deps-test
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes $$(pkg-config --cflags check) \
-		-Itest -o $@ $(TEST_SRCS) $(ETCD_STLIB) $(STLIB) \
-		$$(pkg-config --libs check) $(ETCD_DEPLIBS) $(LIBS) $(LDFLAGS) $(LDLIBS)
+		$(E2E_CFLAGS) -Itest -o $@ $(TEST_SRCS) $(ETCD_STLIB) $(STLIB) \
+		$$(pkg-config --libs check) $(ETCD_DEPLIBS) -lhttp_parser $(LIBS) \
+		$(LDFLAGS) $(LDLIBS)
 
 test-run: $(TEST_BIN)
 	$(Q)$(TEST_BIN)
@@ -191,44 +202,60 @@ check-exports: $(SHLIB) $(ETCD_SHLIB)
 # The core never includes <uv.h>; only the libuv adapter may.
 check-core-no-uv:
 	$(Q)if grep -l '#include <uv.h>' lib/*.c lib/*.h include/coalesce.h \
-		include/coalesce/*.h | grep -v -e 'uv_adapter.c' -e 'coalesce/uv.h'; \
+		include/coalesce/*.h | grep -v -e 'lib/uv.c' -e 'coalesce/uv.h'; \
 		then echo "check-core-no-uv: core file includes <uv.h>"; exit 1; fi
 
 # Public headers must compile as C++ too.
 check-cxx:
-	$(Q)printf '#include <coalesce.h>\n#include <coalesce/etcd.h>\n' | $(CXX) -x c++ -std=c++11 -Wall -Wextra \
+	$(Q)printf '#include <coalesce.h>\n#include <coalesce/etcd.h>\n#include <coalesce/uv.h>\n' | $(CXX) -x c++ -std=c++11 -Wall -Wextra \
 		-Werror -pedantic -Iinclude -fsyntax-only -
 	@echo "check-cxx: headers compile as C++"
 
 # Examples build through pkg-config against the libraries just built; those
-# named etcd_* use libcoalesce-etcd.
-EXAMPLE_PC = $(if $(filter etcd_%,$(notdir $@)),libcoalesce-etcd,libcoalesce)
-$(BUILD)/examples/%: examples/%.c $(SHLIB) $(ETCD_SHLIB) $(PC_DEV) $(ETCD_PC_DEV) $(HDRS)
+# named etcd_* use libcoalesce-etcd; the proxy and its origin also use libuv,
+# http-parser (no .pc file in Debian) and, for the proxy, libcurl.
+EXAMPLE_PC = $(if $(filter etcd_%,$(notdir $@)),libcoalesce-etcd,libcoalesce) \
+	$(if $(filter proxy origin,$(notdir $@)),libuv) \
+	$(if $(filter proxy,$(notdir $@)),libcurl)
+EXAMPLE_LIBS = $(if $(filter proxy origin,$(notdir $@)),-lhttp_parser)
+$(BUILD)/examples/%: examples/%.c $(SHLIB) $(ETCD_SHLIB) $(PC_DEV) $(ETCD_PC_DEV) \
+		$(HDRS) | deps-examples
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) -std=c11 $(WARN) $(CFLAGS) $(SAN) \
 		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --cflags $(EXAMPLE_PC)) \
 		-o $@ $< -Wl,-rpath,$(abspath $(BUILD)) \
-		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs $(EXAMPLE_PC)) -lpthread
+		$$(PKG_CONFIG_PATH=$(BUILD)/uninstalled pkg-config --libs $(EXAMPLE_PC)) \
+		$(EXAMPLE_LIBS) -lpthread
 
 examples: $(EXAMPLE_BINS)
 
-demo: deps-test $(BUILD)/examples/threads
-	$(Q)$(BUILD)/examples/threads
+# The demo: origin and proxy on 127.0.0.1, 100 cold GETs and 50 ranges.
+DEMO_BIN := $(BUILD)/test/demo
+$(DEMO_BIN): test/demo.c test/e2e.c test/e2e.h $(E2E_BINS) | deps-examples
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes $(E2E_CFLAGS) -Itest -o $@ \
+		test/demo.c test/e2e.c -lhttp_parser $(LIBS) $(LDFLAGS) $(LDLIBS)
+
+demo: deps-examples $(DEMO_BIN)
+	$(Q)$(DEMO_BIN)
 
 # --- Benchmarks ----------------------------------------------------------------
 
 # bench_etcd starts its own etcd with the tests' helpers (test/etcd_env.c).
 BENCH_EXTRA = $(if $(filter bench_etcd,$(notdir $@)),test/etcd_env.c \
-	$(ETCD_STLIB) $(ETCD_DEPLIBS))
+	$(ETCD_STLIB) $(ETCD_DEPLIBS)) \
+	$(if $(filter bench_proxy,$(notdir $@)),$(E2E_CFLAGS) test/e2e.c -lhttp_parser)
 $(BUILD)/bench/%: test/bench/%.c test/bench/bench.h test/etcd_env.h \
-		test/etcd_env.c $(STLIB) $(ETCD_STLIB) $(HDRS)
+		test/etcd_env.c test/e2e.h test/e2e.c $(STLIB) $(ETCD_STLIB) $(HDRS) \
+		$(E2E_BINS)
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -Itest -o $@ $< \
 		$(BENCH_EXTRA) $(STLIB) $(LIBS) $(LDFLAGS) $(LDLIBS)
 
-bench: deps-test $(BENCH_BINS)
+bench: deps-bench $(BENCH_BINS)
 	$(Q)for b in $(BENCH_BINS); do $$b || exit 1; done
 
 # --- Sanitizers and valgrind ---------------------------------------------------

@@ -2132,6 +2132,7 @@ static int run_check_reply(run_t *R,
         if (t == FLIGHT_SIZE_UNKNOWN || R->ask_first < t)
             return FLIGHT_EMISMATCH;
         o->total = t;
+        R->total = t; /* Its readers report it (flight_reader_range). */
         return FLIGHT_ERANGE;
     }
     if (t != FLIGHT_SIZE_UNKNOWN) {
@@ -2899,6 +2900,7 @@ rr_lead(rreader_t *rr, flight_range_fetch_cb fetch, void *data, post_t *pp)
         uint64_t total = robj_total(o);
         if (total != FLIGHT_SIZE_UNKNOWN) { /* Learnt meanwhile. */
             if (R->ask_first >= total) {
+                R->total = total;
                 run_end_locked(R, FLIGHT_ERANGE, &p);
                 R->w.ended = true;
                 run_unref(R, &p);
@@ -3036,10 +3038,15 @@ int flight_reader_range(flight_reader_t *r,
     run_t *R0 = rr->pv[0].run;
     if (t != FLIGHT_SIZE_UNKNOWN && rr->first >= t)
         rc = FLIGHT_ERANGE;
-    else if (t == FLIGHT_SIZE_UNKNOWN && !R0->replied)
+    else if (t == FLIGHT_SIZE_UNKNOWN && !R0->replied) {
         rc = R0->ended && R0->status < 0 ? R0->status : COALESCE_EAGAIN;
+        if (rc == FLIGHT_ERANGE)
+            t = R0->total;
+    }
     uint64_t end = rr_end(rr);
     pthread_mutex_unlock(&sh->mu);
+    if (rc == FLIGHT_ERANGE && total)
+        *total = t; /* for HTTP's "bytes (star)/size" */
     if (rc)
         return rc;
     if (first)

@@ -21,6 +21,8 @@ int main(void)
     srunner_add_suite(sr, make_buf_suite());
     srunner_add_suite(sr, make_flight_suite());
     srunner_add_suite(sr, make_range_suite());
+    srunner_add_suite(sr, make_uv_suite());
+    srunner_add_suite(sr, make_proxy_suite());
     srunner_add_suite(sr, make_memstore_suite());
     srunner_add_suite(sr, make_cache_suite());
     srunner_add_suite(sr, make_etcd_suite());

@@ -24,6 +24,8 @@ Suite *make_common_suite(void);
 Suite *make_buf_suite(void);
 Suite *make_flight_suite(void);
 Suite *make_range_suite(void);
+Suite *make_uv_suite(void);
+Suite *make_proxy_suite(void);
 Suite *make_memstore_suite(void);
 Suite *make_cache_suite(void);
 

@@ -586,9 +586,9 @@ COALESCE_API uint64_t flight_reader_offset(const flight_reader_t *r);
  * @param[out] total Object size, or FLIGHT_SIZE_UNKNOWN. May be NULL.
  * @return 0; COALESCE_EAGAIN before the fetch serving the first byte has
  *         reported its range (call after flight_meta()); FLIGHT_ERANGE when
- *         the range starts past the end; COALESCE_EINVAL (NULL reader, or
- *         an object flight's reader).
- * Thread safety: reader's owner thread. @since 0.2
+ *         the range starts past the end (*total is set then); COALESCE_EINVAL
+ * (NULL reader, or an object flight's reader). Thread safety: reader's owner
+ * thread. @since 0.2
  */
 COALESCE_API int flight_reader_range(flight_reader_t *r,
                                      uint64_t *first,
