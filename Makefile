@@ -5,6 +5,8 @@
 #   make check      tests, export check, core/uv check, examples
 #   make bench      benchmarks, printed as "BENCH <name> <median> <unit>"
 #   make asan ubsan tsan valgrind     the test suite under each tool
+#   make stress     8 threads x 1M mixed operations, under ASan and TSan
+#   make fuzz FUZZ_SECONDS=N [FUZZ_RUNS=M]   each libFuzzer target (clang)
 #   make install / uninstall          honour DESTDIR, PREFIX, LIBDIR, ...
 
 VERSION_H := include/coalesce/version.h
@@ -83,12 +85,13 @@ DEPS_BUILD := gcc libc6-dev make pkgconf libxxhash-dev libuv1-dev \
 DEPS_EXAMPLES := $(DEPS_BUILD) libhttp-parser-dev
 DEPS_TEST := $(DEPS_EXAMPLES) check binutils etcd-server openssl
 DEPS_BENCH := $(DEPS_TEST) wrk
+DEPS_FUZZ := $(DEPS_TEST) clang libclang-rt-dev
 NEED = sh test/deps.sh
 
 .PHONY: all shared static pc check test-run check-exports check-core-no-uv \
 	check-cxx examples demo bench install uninstall clean asan ubsan tsan \
 	valgrind format format-check docs deps-build deps-examples deps-test \
-	deps-bench deps-valgrind \
+	deps-bench deps-valgrind deps-fuzz stress stress-run fuzz fuzz-build \
 	FORCE
 
 all: shared static pc
@@ -103,6 +106,8 @@ deps-bench:
 	$(Q)$(NEED) $(DEPS_BENCH)
 deps-valgrind:
 	$(Q)$(NEED) $(DEPS_TEST) valgrind
+deps-fuzz:
+	$(Q)$(NEED) $(DEPS_FUZZ)
 
 shared: $(SHLIB) $(ETCD_SHLIB)
 static: $(STLIB) $(ETCD_STLIB)
@@ -274,6 +279,67 @@ valgrind: deps-valgrind $(TEST_BIN)
 	$(Q)CK_FORK=no CK_VALGRIND=1 valgrind -q --leak-check=full \
 		--errors-for-leak-kinds=definite,indirect --error-exitcode=1 $(TEST_BIN)
 
+# --- Stress ----------------------------------------------------------------------
+
+# test/stress.c: one group and one cache shared by 8 threads, bounded in
+# operations and time; run under ASan and under TSan.
+STRESS_BIN := $(BUILD)/test/stress
+$(STRESS_BIN): test/stress.c test/helpers.h $(STLIB) $(HDRS) | deps-test
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -Itest -o $@ $< $(STLIB) \
+		$(LIBS) $(LDFLAGS) $(LDLIBS)
+stress-run: $(STRESS_BIN)
+	$(Q)$(STRESS_BIN) $(STRESS_ARGS)
+stress:
+	$(Q)$(MAKE) --no-print-directory BUILD=build/asan CFLAGS="-O1" \
+		SAN="$(SANFLAGS_COMMON) -fsanitize=address" stress-run
+	$(Q)$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS="-O1" \
+		SAN="$(SANFLAGS_COMMON) -fsanitize=thread" stress-run
+
+# --- Fuzzers -------------------------------------------------------------------
+
+# libFuzzer targets test/fuzz/fuzz_<name>.c, built with clang under ASan and
+# UBSan and linked with the library's objects (so a harness may reach
+# internal functions); seed corpora in test/fuzz/<name>/. Each run works on
+# a scratch corpus under the build directory, so the tree stays clean; an
+# optional test/fuzz/<name>.dict gives libFuzzer the format's tokens.
+FUZZ_NAMES := $(patsubst test/fuzz/fuzz_%.c,%,$(wildcard test/fuzz/fuzz_*.c))
+# FUZZ=name selects one target.
+FUZZ_SEL = $(or $(FUZZ),$(FUZZ_NAMES))
+FUZZ_BINS = $(FUZZ_SEL:%=$(BUILD)/fuzz/fuzz_%)
+FUZZ_SECONDS ?= 30
+FUZZ_RUNS ?= -1
+FUZZ_BUILD ?= build/fuzz
+FUZZ_SAN := $(SANFLAGS_COMMON) -fsanitize=address,undefined \
+	-fno-sanitize-recover=all
+FUZZ_EXTRA = $(if $(filter fuzz_etcd,$(notdir $@)),$(ETCD_DEPLIBS)) \
+	$(if $(filter fuzz_proxy,$(notdir $@)),$$(pkg-config --cflags --libs \
+	libcurl) -lhttp_parser)
+$(BUILD)/fuzz/fuzz_%: test/fuzz/fuzz_%.c $(wildcard test/fuzz/*.h) $(OBJS) \
+		$(ETCD_OBJS) $(HDRS) $(wildcard examples/*.c)
+	@mkdir -p $(@D)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(ALL_CFLAGS) -Wno-missing-prototypes -fsanitize=fuzzer \
+		-Itest -Itest/fuzz -o $@ $< $(OBJS) $(FUZZ_EXTRA) $(LIBS) \
+		$(LDFLAGS) $(LDLIBS)
+fuzz-build: $(FUZZ_BINS)
+fuzz: deps-fuzz
+	$(Q)$(MAKE) --no-print-directory BUILD=$(FUZZ_BUILD) CC=clang CFLAGS="-O1" \
+		SAN="$(FUZZ_SAN) -fsanitize=fuzzer-no-link" fuzz-build
+	$(Q)for n in $(FUZZ_SEL); do \
+		work=$(FUZZ_BUILD)/corpus/$$n; mkdir -p $$work $(FUZZ_BUILD)/artifacts; \
+		dict=; [ -f test/fuzz/$$n.dict ] && dict=-dict=test/fuzz/$$n.dict; \
+		$(FUZZ_BUILD)/fuzz/fuzz_$$n $$dict -max_total_time=$(FUZZ_SECONDS) \
+			-runs=$(FUZZ_RUNS) -timeout=10 -rss_limit_mb=4096 \
+			-print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/artifacts/$$n- \
+			$$work test/fuzz/$$n > $(FUZZ_BUILD)/$$n.log 2>&1; rc=$$?; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $(FUZZ_BUILD)/$$n.log); \
+		secs=$$(sed -n 's/^Done [0-9]* runs in \([0-9]*\).*/\1/p' $(FUZZ_BUILD)/$$n.log); \
+		echo "FUZZ $$n $${runs:-0} executions in $${secs:-?} s, exit $$rc"; \
+		if [ $$rc -ne 0 ]; then tail -60 $(FUZZ_BUILD)/$$n.log; exit 1; fi; \
+	done
+
 # --- Install -------------------------------------------------------------------
 
 # install compiles nothing: run "make" first (so "sudo make install" never
@@ -312,7 +378,7 @@ uninstall:
 # --- Housekeeping ----------------------------------------------------------------
 
 FORMAT_FILES = $(wildcard include/*.h include/coalesce/*.h lib/*.[ch] \
-	test/*.[ch] test/bench/*.[ch] examples/*.c)
+	test/*.[ch] test/bench/*.[ch] test/fuzz/*.[ch] examples/*.c)
 format:
 	clang-format -i $(FORMAT_FILES)
 format-check:

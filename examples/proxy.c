@@ -47,10 +47,13 @@
 #include <coalesce/uv.h>
 
 /* A client's reader stops when this much is queued for its socket, and
- * starts again below LOW_WATER. */
-#define HIGH_WATER  (1024 * 1024)
-#define LOW_WATER   (256 * 1024)
-#define MAX_URL     8192
+ * starts again below LOW_WATER. Longer request targets get a 414. (The
+ * fuzzer makes these small.) */
+#ifndef HIGH_WATER
+#    define HIGH_WATER (1024 * 1024)
+#    define LOW_WATER  (256 * 1024)
+#    define MAX_URL    8192
+#endif
 #define BUCKETS     4096
 #define UNKNOWN_LEN UINT64_MAX
 
@@ -92,6 +95,33 @@ static struct {
     uint64_t idle_timeout_ms;
 } P;
 
+static int curl_fetch(upstream_t *u);
+static void tcp_close(uv_tcp_t *t, bool reset, uv_close_cb cb);
+
+/* Where the proxy meets the network: client sockets and upstream transfers.
+ * The fuzzer (test/fuzz/fuzz_proxy.c) points these at memory. */
+static struct {
+    int (*write)(uv_write_t *req,
+                 uv_stream_t *s,
+                 const uv_buf_t bufs[],
+                 unsigned n,
+                 uv_write_cb cb);
+    size_t (*queued)(const uv_stream_t *s); /* bytes not yet sent */
+    int (*read_start)(uv_stream_t *s, uv_alloc_cb alloc, uv_read_cb cb);
+    int (*read_stop)(uv_stream_t *s);
+    int (*shutdown)(uv_shutdown_t *req, uv_stream_t *s, uv_shutdown_cb cb);
+    void (*close)(uv_tcp_t *t, bool reset, uv_close_cb cb);
+    int (*fetch)(upstream_t *u); /* start the transfer: 0, or -1 */
+} net = {
+    .write = uv_write,
+    .queued = uv_stream_get_write_queue_size,
+    .read_start = uv_read_start,
+    .read_stop = uv_read_stop,
+    .shutdown = uv_shutdown,
+    .close = tcp_close,
+    .fetch = curl_fetch,
+};
+
 /* Metas are the proxy's own format, opaque to the library:
  * "<status> <content-length or -1>\n<validator>\n<header lines to forward>" */
 typedef struct meta {
@@ -104,6 +134,8 @@ typedef struct meta {
 
 static bool meta_parse(const void *p, size_t len, meta_t *m)
 {
+    if (!p) /* the writer set none */
+        return false;
     const char *s = p, *end = s + len;
     char line[64];
     const char *nl = memchr(s, '\n', len);
@@ -253,7 +285,8 @@ struct upstream {
     CURL *easy;
     flight_writer_t *w;
     int kind;
-    char *url; /* the request target, also the cache key */
+    uint64_t first, last; /* UP_RANGE: the bytes asked for */
+    char *url;            /* the request target, also the cache key */
     long status;
     int64_t clen;
     char etag[256], lastmod[128], crange[128];
@@ -261,8 +294,9 @@ struct upstream {
     uint64_t max_age; /* seconds, or UINT64_MAX when not given */
     char *fwd;        /* header lines to forward */
     size_t fwdlen, fwdcap;
-    bool headers_done;
-    int err; /* the writer refused: abort the transfer */
+    bool in_head;      /* between a status line and its blank line */
+    bool headers_done; /* those of the final response */
+    int err;           /* the writer refused: abort the transfer */
     /* Cache fill: the buffers written, while the object may be cached. */
     coalesce_buf_t **fill;
     size_t nfill, capfill;
@@ -368,6 +402,27 @@ static bool is_hop_by_hop(const char *name, size_t n)
     return false;
 }
 
+/* "name: value" with a token for a name and no control characters but tabs
+ * in the value (RFC 9110 5.1, 5.5). Anything else, forwarded, could break
+ * or split the response to the client (libcurl hands on the lines as
+ * received, a CR in the middle included), so it is dropped. */
+static bool header_ok(const char *line, size_t n, size_t namelen)
+{
+    if (namelen == 0)
+        return false;
+    for (size_t i = 0; i < namelen; i++) {
+        unsigned char ch = (unsigned char)line[i];
+        if (!ch || (!isalnum(ch) && !strchr("!#$%&'*+-.^_`|~", ch)))
+            return false;
+    }
+    for (size_t i = namelen + 1; i < n; i++) {
+        unsigned char ch = (unsigned char)line[i];
+        if ((ch < 32 && ch != '\t') || ch == 127)
+            return false;
+    }
+    return true;
+}
+
 static void copy_value(char *dst, size_t cap, const char *v, size_t n)
 {
     if (n >= cap)
@@ -427,6 +482,9 @@ static int upstream_headers_done(upstream_t *u)
                                   strlen(validator));
         if (rc != 0)
             return rc;
+    } else if (u->status == 206 || u->status == 416) {
+        /* About a range nobody asked for: no way to pass it on. */
+        return COALESCE_EUPSTREAM;
     }
     char head[400];
     int n = snprintf(head, sizeof(head), "%ld %" PRId64 "\n%s\n",
@@ -446,15 +504,34 @@ static int upstream_headers_done(upstream_t *u)
     return rc;
 }
 
+/* The code of "HTTP/x SSS reason": three digits, 100 to 599 (RFC 9110
+ * 15); anything else is 0, a reply that fails (a 502 for the clients). */
+static int parse_status(const char *line, size_t n)
+{
+    const char *sp = memchr(line, ' ', n), *end = line + n;
+    if (!sp || end - sp < 4 || (end - sp > 4 && sp[4] != ' '))
+        return 0;
+    int code = 0;
+    for (int i = 1; i <= 3; i++) {
+        if (!isdigit((unsigned char)sp[i]))
+            return 0;
+        code = code * 10 + (sp[i] - '0');
+    }
+    return code >= 100 && code <= 599 ? code : 0;
+}
+
 static size_t on_curl_header(char *line, size_t size, size_t nitems, void *ud)
 {
     upstream_t *u = ud;
     size_t n = size * nitems;
+    if (u->headers_done) /* trailers: the meta has gone out already */
+        return size * nitems;
     while (n && (line[n - 1] == '\n' || line[n - 1] == '\r'))
         n--;
-    if (n >= 5 && !strncmp(line, "HTTP/", 5)) { /* a (new) status line */
-        const char *sp = memchr(line, ' ', n);
-        u->status = sp ? strtol(sp + 1, NULL, 10) : 0;
+    if (!u->in_head && n >= 5 && !strncmp(line, "HTTP/", 5)) {
+        /* A status line: the first, or the one after a 1xx. */
+        u->in_head = true;
+        u->status = parse_status(line, n);
         u->clen = -1;
         u->etag[0] = u->lastmod[0] = u->crange[0] = 0;
         u->no_store = false;
@@ -463,6 +540,7 @@ static size_t on_curl_header(char *line, size_t size, size_t nitems, void *ud)
         return size * nitems;
     }
     if (n == 0) { /* end of the headers; a 1xx is followed by another set */
+        u->in_head = false;
         if (u->status >= 200 && !u->headers_done) {
             u->headers_done = true;
             int rc = upstream_headers_done(u);
@@ -474,7 +552,7 @@ static size_t on_curl_header(char *line, size_t size, size_t nitems, void *ud)
         return size * nitems;
     }
     const char *colon = memchr(line, ':', n);
-    if (!colon)
+    if (!colon || !header_ok(line, n, (size_t)(colon - line)))
         return size * nitems;
     size_t nl = (size_t)(colon - line);
     const char *v = colon + 1;
@@ -528,6 +606,10 @@ static size_t on_curl_body(char *data, size_t size, size_t nmemb, void *ud)
     upstream_t *u = ud;
     size_t n = size * nmemb;
     coalesce_buf_t *b;
+    if (!u->headers_done) { /* no final status: nothing to pass on */
+        u->err = COALESCE_EUPSTREAM;
+        return 0;
+    }
     if (coalesce_buf_new(&b, n) != 0) {
         u->err = COALESCE_ENOMEM;
         return 0;
@@ -568,8 +650,10 @@ static void upstream_free(upstream_t *u)
         P.upstreams = u->next;
     if (u->next)
         u->next->prev = u->prev;
-    curl_multi_remove_handle(P.multi, u->easy);
-    curl_easy_cleanup(u->easy);
+    if (u->easy) {
+        curl_multi_remove_handle(P.multi, u->easy);
+        curl_easy_cleanup(u->easy);
+    }
     for (size_t i = 0; i < u->nfill; i++)
         coalesce_buf_unref(u->fill[i]);
     free(u->fill);
@@ -633,33 +717,19 @@ static void check_multi(void)
     }
 }
 
-/* Start an upstream request for a flight; FLIGHT_FETCH_ASYNC on success. */
-static int upstream_start(flight_writer_t *w,
-                          int kind,
-                          const char *url,
-                          uint64_t first,
-                          uint64_t last)
+/* The transfer, with libcurl's multi interface: 0, or -1. */
+static int curl_fetch(upstream_t *u)
 {
-    if (P.stopping)
-        return COALESCE_ECLOSING;
-    upstream_t *u = calloc(1, sizeof(*u));
-    size_t blen = strlen(P.upstream), ulen = strlen(url);
+    size_t blen = strlen(P.upstream), ulen = strlen(u->url);
     char *full = malloc(blen + ulen + 1);
-    if (!u || !full || !(u->url = strdup(url)) ||
-        !(u->easy = curl_easy_init())) {
-        if (u)
-            free(u->url);
-        free(u);
+    CURL *e = full ? curl_easy_init() : NULL;
+    if (!e) {
         free(full);
-        return COALESCE_ENOMEM;
+        return -1;
     }
+    u->easy = e;
     memcpy(full, P.upstream, blen);
-    memcpy(full + blen, url, ulen + 1);
-    u->w = w;
-    u->kind = kind;
-    u->clen = -1;
-    u->max_age = UINT64_MAX;
-    CURL *e = u->easy;
+    memcpy(full + blen, u->url, ulen + 1);
     curl_easy_setopt(e, CURLOPT_URL, full);
     free(full); /* libcurl copies strings */
     curl_easy_setopt(e, CURLOPT_PRIVATE, u);
@@ -674,21 +744,44 @@ static int upstream_start(flight_writer_t *w,
     /* A stalled upstream fails its flight (and so its readers) in 30 s. */
     curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, 30L);
-    if (kind == UP_HEAD)
+    if (u->kind == UP_HEAD)
         curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-    if (kind == UP_RANGE) {
+    if (u->kind == UP_RANGE) {
         char r[64];
-        if (last == FLIGHT_RANGE_END)
-            snprintf(r, sizeof(r), "%" PRIu64 "-", first);
+        if (u->last == FLIGHT_RANGE_END)
+            snprintf(r, sizeof(r), "%" PRIu64 "-", u->first);
         else
-            snprintf(r, sizeof(r), "%" PRIu64 "-%" PRIu64, first, last);
+            snprintf(r, sizeof(r), "%" PRIu64 "-%" PRIu64, u->first, u->last);
         curl_easy_setopt(e, CURLOPT_RANGE, r);
     }
+    return curl_multi_add_handle(P.multi, e) == CURLM_OK ? 0 : -1;
+}
+
+/* Start an upstream request for a flight; FLIGHT_FETCH_ASYNC on success. */
+static int upstream_start(flight_writer_t *w,
+                          int kind,
+                          const char *url,
+                          uint64_t first,
+                          uint64_t last)
+{
+    if (P.stopping)
+        return COALESCE_ECLOSING;
+    upstream_t *u = calloc(1, sizeof(*u));
+    if (!u || !(u->url = strdup(url))) {
+        free(u);
+        return COALESCE_ENOMEM;
+    }
+    u->w = w;
+    u->kind = kind;
+    u->first = first;
+    u->last = last;
+    u->clen = -1;
+    u->max_age = UINT64_MAX;
     u->next = P.upstreams;
     if (P.upstreams)
         P.upstreams->prev = u;
     P.upstreams = u;
-    if (curl_multi_add_handle(P.multi, e) != CURLM_OK) {
+    if (net.fetch(u) != 0) {
         u->w = NULL;
         upstream_free(u);
         return COALESCE_ENOMEM;
@@ -736,10 +829,13 @@ struct conn {
     size_t npending, cappending;
     /* The response in progress. */
     bool busy;
-    int mode;        /* MODE_* of the reader */
-    uint64_t suffix; /* MODE_PROBE, MODE_SUFFIX: bytes=-suffix */
+    int mode; /* MODE_* of the reader */
+    /* MODE_PROBE, MODE_SUFFIX: bytes=-suffix; or, UNKNOWN_LEN, a probe
+     * for the 416 of bytes=range_first-range_last */
+    uint64_t suffix, range_first, range_last;
     uint64_t probed; /* the size a HEAD probe found, or UNKNOWN_LEN */
     bool http11;     /* the client speaks HTTP/1.1: chunked is allowed */
+    bool head;       /* a HEAD: no body in any response to it */
     bool no_body;    /* 1xx, 204, 304: whatever upstream sends is dropped */
     bool reading;    /* uv_read_start() is on */
     bool in_parse;   /* inside parse_pending(): it loops, no recursion */
@@ -774,7 +870,7 @@ enum {
     MODE_OBJECT, /* a GET: the whole object */
     MODE_HEAD,   /* a HEAD */
     MODE_RANGE,  /* bytes=a-b or a- */
-    MODE_PROBE,  /* bytes=-n: a HEAD for the size, then MODE_RANGE */
+    MODE_PROBE,  /* a HEAD for the size (bytes=-n, a 416), then MODE_RANGE */
     MODE_SUFFIX, /* bytes=-n without a size: the object's tail */
     MODE_RESUME  /* the rest after a detach, from a range flight */
 };
@@ -803,8 +899,13 @@ static void close_handles(conn_t *c, bool reset)
         return;
     c->handles_closed = true;
     uv_close((uv_handle_t *)&c->idle, on_conn_closed);
-    if (!reset || uv_tcp_close_reset(&c->tcp, on_conn_closed) != 0)
-        uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+    net.close(&c->tcp, reset, on_conn_closed);
+}
+
+static void tcp_close(uv_tcp_t *t, bool reset, uv_close_cb cb)
+{
+    if (!reset || uv_tcp_close_reset(t, cb) != 0)
+        uv_close((uv_handle_t *)t, cb);
 }
 
 static void on_shutdown(uv_shutdown_t *req, int status)
@@ -840,7 +941,7 @@ static void conn_close(conn_t *c, bool reset)
     uv_shutdown_t *req = malloc(sizeof(*req));
     if (req) {
         req->data = c;
-        if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) == 0) {
+        if (net.shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) == 0) {
             c->shutting = true;
             return;
         }
@@ -881,7 +982,7 @@ static void on_written(uv_write_t *req, int status)
     conn_progress(c);
     /* Backpressure released: let the reader go on. */
     if (c->ur && c->reader_stopped &&
-        uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) <= LOW_WATER) {
+        net.queued((uv_stream_t *)&c->tcp) <= LOW_WATER) {
         c->reader_stopped = false;
         reader_start(c);
     }
@@ -891,7 +992,7 @@ static void on_written(uv_write_t *req, int status)
 static int conn_write(conn_t *c, uv_buf_t *bufs, unsigned n, wreq_t *w)
 {
     w->c = c;
-    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs, n, on_written);
+    int rc = net.write(&w->req, (uv_stream_t *)&c->tcp, bufs, n, on_written);
     if (rc < 0) {
         coalesce_buf_unref(w->buf);
         if (w->entry)
@@ -1008,7 +1109,7 @@ static void send_simple_x(conn_t *c,
         return;
     }
     memcpy(all + hlen, body, blen);
-    send_head(c, all, hlen + blen);
+    send_head(c, all, hlen + (c->head ? 0 : blen));
     response_finished(c);
 }
 
@@ -1061,7 +1162,7 @@ static void on_body(flight_uv_reader_t *ur,
             return;
     }
     /* The client is not keeping up: what its socket did not take. */
-    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > HIGH_WATER) {
+    if (net.queued((uv_stream_t *)&c->tcp) > HIGH_WATER) {
         c->reader_stopped = true;
         flight_uv_read_stop(ur);
     }
@@ -1087,22 +1188,26 @@ static const char *xcache_of(flight_uv_reader_t *ur)
 
 static void serve_reader(conn_t *c, flight_reader_t *r, int mode);
 
-/* A suffix range once the probe told the size: a range flight like any
- * other, so it shares chunks with the ranges in flight. Without a size,
- * the tail of the whole object's flight. */
-static void start_suffix(conn_t *c, const meta_t *m)
+/* A range once the probe told the size: a suffix, or a range the group
+ * found to start past the end (the 416 says the size). A range flight like
+ * any other, so it shares chunks with the ranges in flight. Without a size,
+ * the whole object's flight: its tail for a suffix, else all of it. */
+static void start_probed(conn_t *c, const meta_t *m)
 {
     flight_reader_t *r;
     int rc;
+    bool suffix = c->suffix != UNKNOWN_LEN;
     if (m->status == 200 && m->clen >= 0) {
         uint64_t size = (uint64_t)m->clen;
         uint64_t n = c->suffix < size ? c->suffix : size;
-        rc = n ? flight_do_range(P.group, c->url, c->urllen, size - n, size - 1,
-                                 fetch_range, c->url, &r)
-               : FLIGHT_ERANGE;
+        uint64_t first = suffix ? size - n : c->range_first;
+        uint64_t last = suffix ? size - 1 : c->range_last;
+        rc = first < size ? flight_do_range(P.group, c->url, c->urllen, first,
+                                            last, fetch_range, c->url, &r)
+                          : FLIGHT_ERANGE;
         if (rc == 0) {
             c->probed = size;
-            c->pos = c->want_next = size - n;
+            c->pos = c->want_next = first;
             serve_reader(c, r, MODE_RANGE);
         } else if (rc == FLIGHT_ERANGE) {
             char extra[96];
@@ -1118,7 +1223,7 @@ static void start_suffix(conn_t *c, const meta_t *m)
     int kl = snprintf(key, sizeof(key), "GET %s", c->url);
     rc = flight_do(P.group, key, (size_t)kl, fetch_get, c->url, &r);
     if (rc == 0)
-        serve_reader(c, r, MODE_SUFFIX);
+        serve_reader(c, r, suffix ? MODE_SUFFIX : MODE_OBJECT);
     else
         send_simple(c, 502, "text/plain", coalesce_strerror(rc), NULL);
 }
@@ -1135,7 +1240,7 @@ static void on_meta(flight_uv_reader_t *ur, const void *p, size_t len)
     if (mode == MODE_PROBE) {
         flight_uv_reader_close(ur);
         c->ur = NULL;
-        start_suffix(c, &m);
+        start_probed(c, &m);
         return;
     }
     size_t hlen;
@@ -1149,9 +1254,10 @@ static void on_meta(flight_uv_reader_t *ur, const void *p, size_t len)
         return;
     }
     snprintf(c->validator, sizeof(c->validator), "%s", m.validator);
-    if (mode == MODE_HEAD) {
-        h = build_head(c, m.status, m.fwd, m.fwdlen, m.clen, NULL,
-                       xcache_of(ur), false, &hlen);
+    if (mode == MODE_HEAD) { /* a 204 has no Content-Length (RFC 9110 8.6) */
+        h = build_head(c, m.status, m.fwd, m.fwdlen,
+                       m.status == 204 ? -1 : m.clen, NULL, xcache_of(ur),
+                       false, &hlen);
         send_head(c, h, hlen);
         response_finished(c);
         return;
@@ -1539,6 +1645,24 @@ static void serve_hit(conn_t *c,
     response_finished(c);
 }
 
+/* A suffix range needs the object's size first, and so does the 416 for a
+ * range found to start past the end: a HEAD (collapsed with any other)
+ * tells it, then start_probed() goes on. */
+static int probe(conn_t *c, uint64_t suffix, uint64_t first, uint64_t last)
+{
+    flight_reader_t *r;
+    char key[MAX_URL + 8];
+    int kl = snprintf(key, sizeof(key), "HEAD %s", c->url);
+    int rc = flight_do(P.group, key, (size_t)kl, fetch_head, c->url, &r);
+    if (rc == 0) {
+        c->suffix = suffix;
+        c->range_first = first;
+        c->range_last = last;
+        serve_reader(c, r, MODE_PROBE);
+    }
+    return rc;
+}
+
 static void handle_request(conn_t *c)
 {
     P.requests++;
@@ -1549,6 +1673,7 @@ static void handle_request(conn_t *c)
     c->validator[0] = 0;
     c->keep_alive = http_should_keep_alive(&c->parser);
     int method = c->parser.method;
+    c->head = method == HTTP_HEAD;
     if (method != HTTP_GET && method != HTTP_HEAD) {
         send_simple(c, 405, "text/plain", "GET and HEAD only\n",
                     "Allow: GET, HEAD\r\n");
@@ -1563,7 +1688,7 @@ static void handle_request(conn_t *c)
         send_simple(c, 400, "text/plain", "origin-form targets only\n", NULL);
         return;
     }
-    bool head = method == HTTP_HEAD;
+    bool head = c->head;
     if (!head && !strcmp(c->url, "/__coalesce/stats")) {
         stats_json(c);
         return;
@@ -1597,20 +1722,11 @@ static void handle_request(conn_t *c)
         if (rc == 0) {
             c->pos = c->want_next = first;
             serve_reader(c, r, MODE_RANGE);
-        } else if (rc == FLIGHT_ERANGE) {
-            send_simple(c, 416, "text/plain", "range not satisfiable\n", NULL);
-            return;
+        } else if (rc == FLIGHT_ERANGE) { /* past the end: the 416 says */
+            rc = probe(c, UNKNOWN_LEN, first, last);
         }
     } else if (ranged) {
-        /* A suffix range needs the size first: a HEAD (collapsed with any
-         * other) tells it, then it is an ordinary range. */
-        char key[MAX_URL + 8];
-        int kl = snprintf(key, sizeof(key), "HEAD %s", c->url);
-        rc = flight_do(P.group, key, (size_t)kl, fetch_head, c->url, &r);
-        if (rc == 0) {
-            c->suffix = first;
-            serve_reader(c, r, MODE_PROBE);
-        }
+        rc = probe(c, first, 0, 0);
     } else {
         char key[MAX_URL + 8];
         int kl = snprintf(key, sizeof(key), "GET %s", c->url);
@@ -1618,7 +1734,7 @@ static void handle_request(conn_t *c)
         if (rc == 0)
             serve_reader(c, r, MODE_OBJECT);
     }
-    if (rc != 0 && rc != FLIGHT_ERANGE)
+    if (rc != 0)
         send_simple(c, rc == COALESCE_ECLOSING ? 503 : 502, "text/plain",
                     coalesce_strerror(rc), NULL);
 }
@@ -1714,13 +1830,13 @@ static void conn_flow(conn_t *c)
 {
     if (c->closing)
         return;
-    size_t queued = uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+    size_t queued = net.queued((uv_stream_t *)&c->tcp);
     bool want = queued <= (c->reading ? HIGH_WATER : LOW_WATER) &&
                 c->npending < 64 * 1024;
     if (want && !c->reading)
-        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+        net.read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     else if (!want && c->reading)
-        uv_read_stop((uv_stream_t *)&c->tcp);
+        net.read_stop((uv_stream_t *)&c->tcp);
     c->reading = want;
 }
 
@@ -1730,8 +1846,7 @@ static void parse_pending(conn_t *c)
         return;
     c->in_parse = true;
     while (!c->busy && !c->closing && c->npending &&
-           uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) <=
-               HIGH_WATER) {
+           net.queued((uv_stream_t *)&c->tcp) <= HIGH_WATER) {
         http_parser_pause(&c->parser, 0);
         size_t n = http_parser_execute(&c->parser, &parser_settings, c->pending,
                                        c->npending);
@@ -1739,6 +1854,7 @@ static void parse_pending(conn_t *c)
         if (err != HPE_OK && err != HPE_PAUSED) {
             c->keep_alive = false;
             c->busy = true;
+            c->head = false; /* whatever it was: the close ends it */
             send_simple(c, 400, "text/plain", "bad request\n", NULL);
             break;
         }
@@ -1786,6 +1902,23 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
     parse_pending(c);
 }
 
+/* Serve a connected c->tcp. */
+static void conn_start(conn_t *c)
+{
+    P.conns_open++;
+    c->handles = 2;
+    uv_timer_init(P.loop, &c->idle);
+    c->idle.data = c;
+    conn_progress(c);
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    c->next = P.conns;
+    if (P.conns)
+        P.conns->prev = c;
+    P.conns = c;
+    conn_flow(c);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     if (status < 0)
@@ -1801,21 +1934,10 @@ static void on_connection(uv_stream_t *server, int status)
         uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
         return;
     }
-    P.conns_open++;
-    c->handles = 2;
-    uv_timer_init(P.loop, &c->idle);
-    c->idle.data = c;
-    conn_progress(c);
     uv_tcp_nodelay(&c->tcp, 1);
     if (P.sndbuf > 0)
         uv_send_buffer_size((uv_handle_t *)&c->tcp, &P.sndbuf);
-    http_parser_init(&c->parser, HTTP_REQUEST);
-    c->parser.data = c;
-    c->next = P.conns;
-    if (P.conns)
-        P.conns->prev = c;
-    P.conns = c;
-    conn_flow(c);
+    conn_start(c);
 }
 
 /* --- Start and stop
@@ -1882,6 +2004,37 @@ static void usage(FILE *f)
             "Prints \"proxy listening on HOST:PORT\" once serving.\n");
 }
 
+/* The group, libcurl and the loop: all but the sockets. 0, or 1. */
+static int proxy_init(void)
+{
+    flight_opts_t o;
+    flight_opts_init(&o);
+    o.chunk_size = P.chunk_size;
+    o.max_lag = P.max_lag;
+    o.wait_timeout_ms = P.wait_timeout_ms;
+    /* Clients that leave do not stop the fetch: the cache still fills. */
+    o.orphan_policy = FLIGHT_ORPHAN_CONTINUE;
+    int rc = flight_group_new(&P.group, &o);
+    if (rc != 0) {
+        fprintf(stderr, "proxy: flight group: %s\n", coalesce_strerror(rc));
+        return 1;
+    }
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK ||
+        !(P.multi = curl_multi_init())) {
+        fprintf(stderr, "proxy: libcurl initialisation failed\n");
+        return 1;
+    }
+    P.loop = uv_default_loop();
+    if (flight_uv_new(&P.fuv, P.loop) != 0) {
+        fprintf(stderr, "proxy: flight_uv_new failed\n");
+        return 1;
+    }
+    uv_timer_init(P.loop, &P.curl_timer);
+    curl_multi_setopt(P.multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
+    curl_multi_setopt(P.multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     P.listen = "127.0.0.1:8080";
@@ -1940,32 +2093,9 @@ int main(int argc, char **argv)
     memcpy(host, P.listen, (size_t)(colon - P.listen));
     host[colon - P.listen] = 0;
     int port = (int)parse_size("--listen", colon + 1);
-
-    flight_opts_t o;
-    flight_opts_init(&o);
-    o.chunk_size = P.chunk_size;
-    o.max_lag = P.max_lag;
-    o.wait_timeout_ms = P.wait_timeout_ms;
-    /* Clients that leave do not stop the fetch: the cache still fills. */
-    o.orphan_policy = FLIGHT_ORPHAN_CONTINUE;
-    int rc = flight_group_new(&P.group, &o);
-    if (rc != 0) {
-        fprintf(stderr, "proxy: flight group: %s\n", coalesce_strerror(rc));
-        return 1;
-    }
-    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK ||
-        !(P.multi = curl_multi_init())) {
-        fprintf(stderr, "proxy: libcurl initialisation failed\n");
-        return 1;
-    }
-    P.loop = uv_default_loop();
-    if (flight_uv_new(&P.fuv, P.loop) != 0) {
-        fprintf(stderr, "proxy: flight_uv_new failed\n");
-        return 1;
-    }
-    uv_timer_init(P.loop, &P.curl_timer);
-    curl_multi_setopt(P.multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
-    curl_multi_setopt(P.multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
+    int rc = proxy_init();
+    if (rc != 0)
+        return rc;
 
     struct sockaddr_in addr;
     uv_tcp_init(P.loop, &P.server);

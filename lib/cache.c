@@ -472,19 +472,27 @@ static void node_live(index_t *ix, knode_t *n, coalesce_buf_t *e, bool fresh)
     ix->bytes += entry_bytes(e);
 }
 
+/* Room for one more node in the tombstone list. */
+static int tombs_reserve(index_t *ix)
+{
+    if (ix->ntombs < ix->captombs)
+        return 0;
+    size_t cap = ix->captombs ? ix->captombs * 2 : 16;
+    knode_t **t = coalesce__realloc(ix->tombs, cap * sizeof(*t));
+    if (!t)
+        return COALESCE_ENOMEM;
+    ix->tombs = t;
+    ix->captombs = cap;
+    return 0;
+}
+
 /* n becomes a tombstone at rev; it keeps its entry for the key. Nodes are
  * freed only by tomb_gc(), so the list never points at freed memory. */
 static int node_tomb(index_t *ix, knode_t *n, int64_t rev)
 {
     if (!n->in_tl) {
-        if (ix->ntombs == ix->captombs) {
-            size_t cap = ix->captombs ? ix->captombs * 2 : 16;
-            knode_t **t = coalesce__realloc(ix->tombs, cap * sizeof(*t));
-            if (!t)
-                return COALESCE_ENOMEM;
-            ix->tombs = t;
-            ix->captombs = cap;
-        }
+        if (tombs_reserve(ix))
+            return COALESCE_ENOMEM;
         ix->tombs[ix->ntombs++] = n;
         n->in_tl = true;
     }
@@ -612,6 +620,10 @@ static int apply_one(index_t *ix,
     }
     if (!tomb_absent || rt_blocks(ix, key, len, rev))
         return 0;
+    /* Room first: a node inserted below must become a tombstone, or it
+     * would stay a live key holding a tombstone entry. */
+    if (tombs_reserve(ix))
+        return COALESCE_ENOMEM;
     cache_meta_t m = {0, rev, 0, 0};
     coalesce_buf_t *t = entry_new(key, len, NULL, 0, &m, true);
     if (!t)
@@ -816,12 +828,19 @@ static int load_kv(void *data, const cache_kv_t *kv)
  * the last key + "\0" at the first page's revision). */
 static int list_once(cache_t *c, index_t **out, int64_t *rev);
 
+/* A store's "revision compacted" code: stores written for 0.4 and before
+ * said COALESCE_ERANGE; both are understood, ECOMPACTED is passed on. */
+static int compacted_rc(int rc)
+{
+    return rc == COALESCE_ERANGE ? COALESCE_ECOMPACTED : rc;
+}
+
 /* A page at a revision compacted meanwhile: start again at the latest. */
 static int list(cache_t *c, index_t **out, int64_t *rev)
 {
     int rc;
     for (int tries = 0; tries < 5; tries++)
-        if ((rc = list_once(c, out, rev)) != COALESCE_ERANGE)
+        if ((rc = compacted_rc(list_once(c, out, rev))) != COALESCE_ECOMPACTED)
             break;
     return rc;
 }
@@ -976,6 +995,14 @@ static void on_watch(void *data, const cache_watch_resp_t *resp)
         watch_broke(c, resp->error, resp->compact_revision);
         return;
     }
+    /* A response that could not be applied ended the watch for us: what
+     * it still delivers (events, progress) would raise W over a revision
+     * never applied. The supervisor resumes from W + 1. */
+    pthread_mutex_lock(&c->mu);
+    bool broken = c->broken;
+    pthread_mutex_unlock(&c->mu);
+    if (broken)
+        return;
     if (!resp->n) { /* Progress: nothing changed up to its revision. */
         br_wrlock(&c->lk);
         if (resp->revision > c->w)
@@ -1090,9 +1117,10 @@ static int relist(cache_t *c, int64_t *r1)
     }
     index_t *drop = nx, *drop2 = NULL;
     bool overflow = false;
+    /* Degraded too: the watch goes on from R1 + 1, so a resume must. */
+    c->w = *r1;
     if (c->state != CACHE_DEGRADED) {
         c->ix = nx;
-        c->w = *r1;
         c->relists++;
         drop = old;
         if ((overflow = over_bounds(c, nx)))
@@ -1134,7 +1162,7 @@ static void *supervise(void *data)
         if (stop)
             break;
         watch_end(c); /* It is over; free it. */
-        bool need_relist = err == COALESCE_ERANGE;
+        bool need_relist = compacted_rc(err) == COALESCE_ECOMPACTED;
         if (err == COALESCE_EDECODE) {
             br_wrlock(&c->lk);
             need_relist = ++c->decode_streak >= DECODE_RELIST;
@@ -1168,7 +1196,7 @@ static void *supervise(void *data)
                 backoff = c->o.backoff_min_ms;
                 break;
             }
-            if (rc == COALESCE_ERANGE)
+            if (compacted_rc(rc) == COALESCE_ECOMPACTED)
                 need_relist = true;
             else if (rc != COALESCE_ECANCELED)
                 report(c, CACHE_REPORT_FAILED, rc, current_w(c));
@@ -1206,8 +1234,7 @@ int cache_new(cache_t **out,
 {
     cache_opts_t o;
     cache_opts_init(&o);
-    if (!out || !store || !store->ops ||
-        store->ops->version != CACHE_STORE_OPS_VERSION || !prefix ||
+    if (!out || !store || !store->ops || store->ops->version < 1 || !prefix ||
         !prefixlen || prefixlen > PREFIX_MAX)
         return COALESCE_EINVAL;
     if (opts) {
@@ -1425,7 +1452,7 @@ int cache_scan(
     if (!c || !cb || (!prefix && len))
         return COALESCE_EINVAL;
     size_t cmp = len < c->plen ? len : c->plen;
-    if (memcmp(prefix, c->prefix, cmp) != 0)
+    if (cmp && memcmp(prefix, c->prefix, cmp) != 0)
         return COALESCE_EINVAL; /* Outside the cache's prefix. */
     const unsigned char *from = len > c->plen ? prefix : c->prefix;
     size_t fromlen = len > c->plen ? len : c->plen;
@@ -1658,9 +1685,10 @@ static int run_txn(cache_t *c,
     for (size_t i = 0; i < n && !rc; i++) {
         if (!op_is_put(ops[i].type))
             continue;
+        /* A store's version is trusted, not its range: saturate. */
+        int64_t pv = res[i].has_prev ? res[i].prev_version : 0;
         cache_meta_t m = {res[i].has_prev ? res[i].prev_create_rev : r, r,
-                          res[i].has_prev ? res[i].prev_version + 1 : 1,
-                          sops[i].lease};
+                          pv < INT64_MAX ? pv + 1 : INT64_MAX, sops[i].lease};
         es[i] = entry_new(ops[i].key, ops[i].keylen, ops[i].value,
                           ops[i].vallen, &m, false);
         /* Without memory the watch brings it; the write stands. */

@@ -30,7 +30,10 @@
 #include <time.h>
 
 #define MAX_ENDPOINTS 16
-#define MAX_REPLY     (256u << 20) /* a reply or watch line larger is refused */
+/* A reply or watch line larger is refused. The fuzz harness lowers it. */
+#ifndef MAX_REPLY
+#    define MAX_REPLY (256u << 20)
+#endif
 
 /* --- Errors ------------------------------------------------------------- */
 
@@ -76,7 +79,7 @@ static int map_grpc(long code, const char *msg)
     case 16:
         return COALESCE_EACCES;
     case 11:
-        return COALESCE_ERANGE;
+        return COALESCE_ECOMPACTED;
     case 12:
         return COALESCE_ENOTSUP;
     case 14:
@@ -313,7 +316,8 @@ static int decode_kv(const json_t *o, arena_t *a, jkv_t *out)
         rc = j_bytes(o, "value", a, &out->voff, &out->vlen);
     if (rc == -2)
         return fail(COALESCE_ENOMEM, "etcd: out of memory");
-    if (rc || !json_object_get(o, "key"))
+    /* A key is always sent (and fills the arena: a->p is never NULL). */
+    if (rc || !json_is_string(json_object_get(o, "key")))
         return fail(COALESCE_EDECODE, "etcd: bad key or value (base64)");
     if (j_int(o, "create_revision", &out->kv.create_rev) ||
         j_int(o, "mod_revision", &out->kv.mod_rev) ||
@@ -588,6 +592,18 @@ static int parse_error(const rbuf_t *r, long status, long *code)
 
 static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl);
 
+/* A 2xx reply body: one JSON object. */
+static int reply_object(const rbuf_t *r, const char *path, json_t **out)
+{
+    json_error_t je;
+    *out = json_loadb(r->p ? r->p : "", r->len, 0, &je);
+    if (json_is_object(*out))
+        return 0;
+    json_decref(*out);
+    *out = NULL;
+    return fail(COALESCE_EDECODE, "etcd %s: bad reply: %s", path, je.text);
+}
+
 /* The current token (copied into buf), authenticating if there is none. */
 static int get_token(etcd_t *e, char *buf, size_t len)
 {
@@ -700,17 +716,7 @@ static int call(etcd_t *e, const char *path, json_t *req, json_t **out, int fl)
         if (status / 100 == 2) {
             atomic_store(&e->cur, ep);
             last_err[0] = 0;
-            rc = 0;
-            if (!(fl & R_RAW)) {
-                json_error_t je;
-                *out = json_loadb(r.p ? r.p : "", r.len, 0, &je);
-                if (!json_is_object(*out)) {
-                    json_decref(*out);
-                    *out = NULL;
-                    rc = fail(COALESCE_EDECODE, "etcd %s: bad reply: %s", path,
-                              je.text);
-                }
-            }
+            rc = fl & R_RAW ? 0 : reply_object(&r, path, out);
             break;
         }
         long code;
@@ -752,6 +758,47 @@ range_req(const void *key, size_t keylen, const void *end, size_t endlen)
     return q;
 }
 
+/* A range reply to a read at rev (0: the latest). */
+static int range_decode(const json_t *resp,
+                        int64_t rev,
+                        cache_kv_cb cb,
+                        void *data,
+                        int64_t *hrev,
+                        int *more)
+{
+    int64_t hr;
+    bool mo;
+    json_t *kvs = json_object_get(resp, "kvs");
+    int rc = header_rev(resp, &hr);
+    if (rc)
+        return rc;
+    if (j_bool(resp, "more", &mo) || (kvs && !json_is_array(kvs)))
+        return fail(COALESCE_EDECODE, "etcd: bad range reply");
+    /* Decode every kv before the first callback: all or nothing. */
+    size_t n = json_array_size(kvs);
+    arena_t a = {0};
+    jkv_t *ks = n ? calloc(n, sizeof(*ks)) : NULL;
+    if (n && !ks)
+        rc = fail(COALESCE_ENOMEM, "etcd: out of memory");
+    for (size_t i = 0; !rc && i < n; i++)
+        rc = decode_kv(json_array_get(kvs, i), &a, &ks[i]);
+    for (size_t i = 0; !rc && i < n; i++) {
+        kv_fix(&ks[i], &a, true);
+        if (cb && cb(data, &ks[i].kv)) /* NULL: as the memory store. */
+            break;
+    }
+    free(ks);
+    free(a.p);
+    if (!rc) {
+        /* etcd's header is the current revision; a pinned read read rev. */
+        if (hrev)
+            *hrev = rev ? rev : hr;
+        if (more)
+            *more = mo;
+    }
+    return rc;
+}
+
 static int e_range(cache_store_t *s,
                    const void *key,
                    size_t keylen,
@@ -778,38 +825,7 @@ static int e_range(cache_store_t *s,
     int rc = call(e, "/v3/kv/range", q, &resp, R_IDEMPOTENT);
     if (rc)
         return rc;
-    int64_t hr;
-    bool mo;
-    json_t *kvs = json_object_get(resp, "kvs");
-    if ((rc = header_rev(resp, &hr)) != 0)
-        goto out;
-    if (j_bool(resp, "more", &mo) || (kvs && !json_is_array(kvs))) {
-        rc = fail(COALESCE_EDECODE, "etcd: bad range reply");
-        goto out;
-    }
-    /* Decode every kv before the first callback: all or nothing. */
-    size_t n = json_array_size(kvs);
-    arena_t a = {0};
-    jkv_t *ks = n ? calloc(n, sizeof(*ks)) : NULL;
-    if (n && !ks)
-        rc = fail(COALESCE_ENOMEM, "etcd: out of memory");
-    for (size_t i = 0; !rc && i < n; i++)
-        rc = decode_kv(json_array_get(kvs, i), &a, &ks[i]);
-    for (size_t i = 0; !rc && i < n; i++) {
-        kv_fix(&ks[i], &a, true);
-        if (cb(data, &ks[i].kv))
-            break;
-    }
-    free(ks);
-    free(a.p);
-    if (!rc) {
-        /* etcd's header is the current revision; a pinned read read rev. */
-        if (hrev)
-            *hrev = rev ? rev : hr;
-        if (more)
-            *more = mo;
-    }
-out:
+    rc = range_decode(resp, rev, cb, data, hrev, more);
     json_decref(resp);
     return rc;
 }
@@ -879,14 +895,71 @@ fail_o:
     return NULL;
 }
 
-static int put_result(json_t *pk, cache_op_result_t *res)
+static int put_result(const json_t *pk, cache_op_result_t *res)
 {
     memset(res, 0, sizeof(*res));
-    res->has_prev = pk != NULL;
-    if (pk && (j_int(pk, "create_revision", &res->prev_create_rev) ||
-               j_int(pk, "version", &res->prev_version)))
+    if (!pk || json_is_null(pk))
+        return 0; /* no previous key (omitted) */
+    res->has_prev = 1;
+    if (!json_is_object(pk) ||
+        j_int(pk, "create_revision", &res->prev_create_rev) ||
+        j_int(pk, "version", &res->prev_version))
         return fail(COALESCE_EDECODE, "etcd: bad prev_kv");
     return 0;
+}
+
+/* A /v3/kv/put reply. */
+static int put_decode(const json_t *resp,
+                      int *succeeded,
+                      int64_t *rev,
+                      cache_op_result_t *results)
+{
+    int64_t hr;
+    int rc = header_rev(resp, &hr);
+    if (!rc && results)
+        rc = put_result(json_object_get(resp, "prev_kv"), results);
+    if (!rc && succeeded) /* Both may be NULL, as in the memory store. */
+        *succeeded = 1;
+    if (!rc && rev)
+        *rev = hr;
+    return rc;
+}
+
+/* A /v3/kv/txn reply to ops. */
+static int txn_decode(const json_t *resp,
+                      const cache_op_t *ops,
+                      size_t nops,
+                      int *succeeded,
+                      int64_t *rev,
+                      cache_op_result_t *results)
+{
+    bool ok;
+    int64_t hr;
+    json_t *rs = json_object_get(resp, "responses");
+    int rc = header_rev(resp, &hr);
+    if (rc)
+        return rc;
+    if (j_bool(resp, "succeeded", &ok) || (rs && !json_is_array(rs)) ||
+        (ok && json_array_size(rs) != nops))
+        return fail(COALESCE_EDECODE, "etcd: bad txn reply");
+    for (size_t i = 0; !rc && ok && results && i < nops; i++) {
+        json_t *r = json_array_get(rs, i);
+        cache_op_result_t *res = &results[i];
+        memset(res, 0, sizeof(*res));
+        if (ops[i].type == CACHE_OP_PUT) {
+            rc = put_result(
+                json_object_get(json_object_get(r, "response_put"), "prev_kv"),
+                res);
+        } else if (j_int(json_object_get(r, "response_delete_range"), "deleted",
+                         &res->deleted)) {
+            rc = fail(COALESCE_EDECODE, "etcd: bad delete reply");
+        }
+    }
+    if (!rc && succeeded)
+        *succeeded = ok;
+    if (!rc && rev)
+        *rev = hr;
+    return rc;
 }
 
 /* An unconditional put (cache_put) goes through /v3/kv/put: etcd's txn
@@ -903,13 +976,7 @@ static int put_only(etcd_t *e,
     int rc = call(e, "/v3/kv/put", q, &resp, 0);
     if (rc)
         return rc;
-    int64_t hr;
-    if (!(rc = header_rev(resp, &hr)) && results)
-        rc = put_result(json_object_get(resp, "prev_kv"), results);
-    if (!rc) {
-        *succeeded = 1;
-        *rev = hr;
-    }
+    rc = put_decode(resp, succeeded, rev, results);
     json_decref(resp);
     return rc;
 }
@@ -952,34 +1019,7 @@ static int e_txn(cache_store_t *s,
     json_t *resp;
     if ((rc = call(e, "/v3/kv/txn", q, &resp, 0)) != 0)
         return rc;
-    bool ok;
-    int64_t hr;
-    json_t *rs = json_object_get(resp, "responses");
-    if ((rc = header_rev(resp, &hr)) != 0)
-        goto out;
-    if (j_bool(resp, "succeeded", &ok) || (rs && !json_is_array(rs)) ||
-        (ok && json_array_size(rs) != nops)) {
-        rc = fail(COALESCE_EDECODE, "etcd: bad txn reply");
-        goto out;
-    }
-    for (size_t i = 0; !rc && ok && results && i < nops; i++) {
-        json_t *r = json_array_get(rs, i);
-        cache_op_result_t *res = &results[i];
-        memset(res, 0, sizeof(*res));
-        if (ops[i].type == CACHE_OP_PUT) {
-            rc = put_result(
-                json_object_get(json_object_get(r, "response_put"), "prev_kv"),
-                res);
-        } else if (j_int(json_object_get(r, "response_delete_range"), "deleted",
-                         &res->deleted)) {
-            rc = fail(COALESCE_EDECODE, "etcd: bad delete reply");
-        }
-    }
-    if (!rc) {
-        *succeeded = ok;
-        *rev = hr;
-    }
-out:
+    rc = txn_decode(resp, ops, nops, succeeded, rev, results);
     json_decref(resp);
     return rc;
 }
@@ -1002,6 +1042,16 @@ static int lease_call(
     return call(e, path, q, resp, fl);
 }
 
+static int lease_grant_decode(const json_t *resp, int64_t *id)
+{
+    if (*j_str(resp, "error"))
+        return fail(COALESCE_EBACKEND, "etcd: lease grant: %s",
+                    j_str(resp, "error"));
+    if (j_int(resp, "ID", id) || *id == 0)
+        return fail(COALESCE_EDECODE, "etcd: lease grant: bad ID");
+    return 0;
+}
+
 static int e_lease_grant(cache_store_t *s, int64_t ttl_ms, int64_t *id)
 {
     etcd_t *e = as_etcd(s);
@@ -1016,11 +1066,7 @@ static int e_lease_grant(cache_store_t *s, int64_t ttl_ms, int64_t *id)
     int rc = call(e, "/v3/lease/grant", q, &resp, 0);
     if (rc)
         return rc;
-    if (*j_str(resp, "error"))
-        rc = fail(COALESCE_EBACKEND, "etcd: lease grant: %s",
-                  j_str(resp, "error"));
-    else if (j_int(resp, "ID", id) || *id == 0)
-        rc = fail(COALESCE_EDECODE, "etcd: lease grant: bad ID");
+    rc = lease_grant_decode(resp, id);
     json_decref(resp);
     return rc;
 }
@@ -1033,6 +1079,19 @@ static int e_lease_revoke(cache_store_t *s, int64_t id)
     return rc;
 }
 
+static int lease_ttl_decode(const json_t *resp, int64_t id, int64_t *ttl_ms)
+{
+    int64_t ttl;
+    if (j_int(resp, "TTL", &ttl) || ttl > INT64_MAX / 1000)
+        return fail(COALESCE_EDECODE, "etcd: timetolive: bad TTL");
+    if (ttl <= 0)
+        return fail(COALESCE_ENOENT, "etcd: lease %lld expired or unknown",
+                    (long long)id);
+    if (ttl_ms)
+        *ttl_ms = ttl * 1000;
+    return 0;
+}
+
 COALESCE_ETCD_API int
 cache_etcd_lease_ttl(cache_store_t *s, int64_t id, int64_t *ttl_ms)
 {
@@ -1040,14 +1099,7 @@ cache_etcd_lease_ttl(cache_store_t *s, int64_t id, int64_t *ttl_ms)
     int rc = lease_call(s, "/v3/lease/timetolive", id, &resp, R_IDEMPOTENT);
     if (rc)
         return rc;
-    int64_t ttl;
-    if (j_int(resp, "TTL", &ttl))
-        rc = fail(COALESCE_EDECODE, "etcd: timetolive: bad TTL");
-    else if (ttl <= 0)
-        rc = fail(COALESCE_ENOENT, "etcd: lease %lld expired or unknown",
-                  (long long)id);
-    else if (ttl_ms)
-        *ttl_ms = ttl * 1000;
+    rc = lease_ttl_decode(resp, id, ttl_ms);
     json_decref(resp);
     return rc;
 }
@@ -1119,7 +1171,7 @@ struct ewatch {
     /* The stream, on the watch thread only. */
     rbuf_t line;
     int term;           /* the canceling error, 0 while running */
-    int64_t compact;    /* with COALESCE_ERANGE */
+    int64_t compact;    /* with COALESCE_ECOMPACTED */
     bool token_refused; /* etcd said the token expired */
     char token[4096];   /* the token this connection used */
     char why[512];      /* the watch thread's message, for watch()'s caller */
@@ -1163,14 +1215,17 @@ static int w_events(ewatch_t *w, json_t *evs, int64_t hrev)
     cache_event_t *ev = calloc(n, sizeof(*ev));
     int rc = ks && ev ? 0 : COALESCE_ENOMEM;
     for (size_t i = 0; !rc && i < n; i++) {
-        json_t *e = json_array_get(evs, i);
-        const char *type = j_str(e, "type");
-        if (!*type || !strcmp(type, "PUT")) {
+        json_t *e = json_array_get(evs, i), *t = json_object_get(e, "type");
+        const char *type = json_string_value(t);
+        /* A name; PUT (0) is omitted. Anything else, a number too, is not
+         * what etcd sends: never read it as a PUT. */
+        if (!t || json_is_null(t) || (type && !strcmp(type, "PUT"))) {
             ev[i].type = CACHE_EV_PUT;
-        } else if (!strcmp(type, "DELETE")) {
+        } else if (type && !strcmp(type, "DELETE")) {
             ev[i].type = CACHE_EV_DELETE;
         } else {
-            rc = fail(COALESCE_EDECODE, "etcd watch: event type %s", type);
+            rc = fail(COALESCE_EDECODE, "etcd watch: event type %s",
+                      type ? type : "not a string");
             break;
         }
         rc = decode_kv(json_object_get(e, "kv"), &a, &ks[i]);
@@ -1218,7 +1273,7 @@ static int w_line(ewatch_t *w, const char *s, size_t len)
         bool created, canceled;
         int64_t hrev, compact;
         json_t *evs = json_object_get(res, "events");
-        if (j_bool(res, "created", &created) ||
+        if (!json_is_object(res) || j_bool(res, "created", &created) ||
             j_bool(res, "canceled", &canceled) ||
             j_int(res, "compact_revision", &compact) ||
             j_int(json_object_get(res, "header"), "revision", &hrev) ||
@@ -1233,7 +1288,7 @@ static int w_line(ewatch_t *w, const char *s, size_t len)
             w->compact = compact;
             w->token_refused =
                 auth_expired(0, why) || strstr(why, "Unauthenticated") != NULL;
-            rc = compact > 0                        ? COALESCE_ERANGE
+            rc = compact > 0                        ? COALESCE_ECOMPACTED
                  : strstr(why, "permission denied") ? COALESCE_EACCES
                                                     : COALESCE_EIO;
             fail(rc, "etcd watch canceled: %s", why);
@@ -1367,6 +1422,21 @@ out:
     return cc;
 }
 
+/* The canceling response of a watch that ran. store.h allows three codes:
+ * the stream's own error codes say why in last_err, the cache just
+ * resumes. */
+static void w_end(ewatch_t *w)
+{
+    int rc = w->term;
+    if (rc != COALESCE_EDECODE &&
+        !(rc == COALESCE_ECOMPACTED && w->compact > 0))
+        rc = COALESCE_EIO; /* also a stream that just ended (rc 0) */
+    cache_watch_resp_t r = {.error = rc,
+                            .compact_revision =
+                                rc == COALESCE_ECOMPACTED ? w->compact : 0};
+    w_deliver(w, &r);
+}
+
 static void *w_main(void *arg)
 {
     ewatch_t *w = arg;
@@ -1383,13 +1453,6 @@ static void *w_main(void *arg)
         CURLcode cc = w_stream(w, ep, &status, &sent);
         if (w->state == W_CREATED) {
             /* It ran: whatever ended it is the canceling response. */
-            if (!w->term)
-                w->term = COALESCE_EIO;
-            /* store.h allows three canceling codes: the stream's own
-             * error codes say why in last_err, the cache just resumes. */
-            if (w->term != COALESCE_EDECODE &&
-                !(w->term == COALESCE_ERANGE && w->compact > 0))
-                w->term = COALESCE_EIO;
             if (w->token_refused)
                 drop_token(e, w->token); /* the resume renews it */
             atomic_store(&e->cur, ep);
@@ -1430,10 +1493,7 @@ static void *w_main(void *arg)
         w_set_state(w, W_FAILED, rc ? rc : COALESCE_EIO);
         return NULL;
     }
-    cache_watch_resp_t r = {.error = w->term,
-                            .compact_revision =
-                                w->term == COALESCE_ERANGE ? w->compact : 0};
-    w_deliver(w, &r);
+    w_end(w);
     return NULL;
 }
 

@@ -1393,6 +1393,8 @@ int flight_peek(flight_reader_t *r,
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
     int rc = reader_wait(r, timeout_ms, false, &p);
+    if (rc == COALESCE_EAGAIN && meta_stage_of(r))
+        r->meta_seen = true; /* See flight_read(). */
     if (!rc) {
         r->meta_seen = true; /* Body bytes come after the meta stage. */
         *data = avail_of(r, len, owner);
@@ -1436,8 +1438,11 @@ int flight_read(
     pthread_mutex_lock(&sh->mu);
     reader_begin(r, &p);
     int rc = reader_wait(r, timeout_ms, false, &p);
-    if (!rc)
-        r->meta_seen = true; /* Body bytes come after the meta stage. */
+    /* Body bytes come after the meta stage. A body read that found the
+     * meta stage but no bytes has seen it too: otherwise a host that reads
+     * only bodies would be told "ready" by every arming until bytes come. */
+    if (!rc || (rc == COALESCE_EAGAIN && meta_stage_of(r)))
+        r->meta_seen = true;
     while (!rc) {
         size_t n;
         const unsigned char *src = avail_of(r, &n, NULL);
@@ -1591,6 +1596,7 @@ struct robj {
     bool vset;      /* validator is set (possibly empty). */
     uint64_t total; /* Object size, or FLIGHT_SIZE_UNKNOWN. */
     uint64_t gen;   /* Identity (size, validator) generation, from 1. */
+    uint64_t seen;  /* One past the last byte replied in this identity. */
     uint64_t ev_seq;
     unsigned char *validator;
     size_t vlen;
@@ -1654,6 +1660,7 @@ struct rreader {
 
 static void run_end_locked(run_t *R, int status, post_t *p);
 static void rr_stop(rreader_t *rr, int status, post_t *p);
+static void rr_sync(rreader_t *rr);
 
 static pthread_cond_t *reader_cond(flight_reader_t *r)
 {
@@ -1991,6 +1998,10 @@ static void chunk_lag(flight_t *f, uint64_t start, post_t *p)
         rreader_t *rr = r->parent;
         if (rr->pub.status || start <= rr->pos || start - rr->pos <= g->max_lag)
             continue;
+        /* A write past the reader's last byte (in its last chunk) is not
+         * one it will read: it cannot make the reader lag. */
+        if (rr->last != FLIGHT_RANGE_END && start > rr->last)
+            continue;
         /* As for object flights: a leader cannot read while its callbacks
          * run, and is allowed that backlog afterwards. */
         if (rr->fetching ||
@@ -2082,6 +2093,9 @@ static int run_append(flight_writer_t *w,
                     * and the policy is CANCEL: as for object flights, the
                     * next call says so. */
     }
+    /* The call succeeds, so all len bytes count as fetched, as an object
+     * flight's write does; those past the cancel are just not kept. */
+    sh->st.range_bytes_fetched += len - off;
     wake_obj(o, &p.notes);
     pthread_mutex_unlock(&sh->mu);
     post_run(sh, &p);
@@ -2116,16 +2130,26 @@ static int run_check_reply(run_t *R,
     bool differs = (o->vset && (vlen != o->vlen ||
                                 (vlen && memcmp(v, o->validator, vlen)))) ||
                    (t != FLIGHT_SIZE_UNKNOWN &&
-                    o->total != FLIGHT_SIZE_UNKNOWN && t != o->total);
+                    o->total != FLIGHT_SIZE_UNKNOWN && t != o->total) ||
+                   /* Bytes past the known end, size not given: bigger. */
+                   (first != FLIGHT_RANGE_END &&
+                    o->total != FLIGHT_SIZE_UNKNOWN && last >= o->total) ||
+                   /* Smaller than bytes other replies had. */
+                   (t != FLIGHT_SIZE_UNKNOWN && t < o->seen);
     if (differs) {
         for (const run_t *X = o->runs; X; X = X->next)
             if (X != R && X->replied)
                 return FLIGHT_EMISMATCH; /* Another version in flight. */
+        /* Readers of the old version keep its size (rr_total), even those
+         * that have not looked since it was learnt. */
+        for (flight_reader_t *r = o->rrs; r; r = r->next)
+            rr_sync((rreader_t *)r);
         o->gen++;
         o->vset = false;
         coalesce__free(o->validator);
         o->validator = NULL;
         o->total = FLIGHT_SIZE_UNKNOWN;
+        o->seen = 0;
     }
     R->gen = o->gen;
     if (first == FLIGHT_RANGE_END) { /* 416: nothing at or after ask_first. */
@@ -2145,6 +2169,8 @@ static int run_check_reply(run_t *R,
     }
     R->rlast = last;
     R->expect = last - first + 1;
+    if (last >= o->seen)
+        o->seen = last + 1;
     uint64_t kl = last / o->g->chunk;
     if (R->b == CHUNK_OPEN || R->b > kl)
         R->b = kl;
@@ -2291,12 +2317,17 @@ static void run_fetch_returned(run_t *R, int rc)
     pthread_mutex_lock(&sh->mu);
     R->fetching = false;
     if (rc != FLIGHT_FETCH_ASYNC || R->w.released) {
+        int status = rc < 0                    ? end_status(rc)
+                     : rc == FLIGHT_FETCH_DONE ? COALESCE_EUPSTREAM
+                                               : COALESCE_EINVAL;
+        /* COALESCE_EOF is a clean end: as with flight_end(w, 0), a short
+         * (or unreported) body makes it a mismatch. */
+        if (!R->ended && !status && (!R->replied || R->written < R->expect)) {
+            sh->st.range_mismatches++;
+            status = FLIGHT_EMISMATCH;
+        }
         if (!R->ended)
-            run_end_locked(R,
-                           rc < 0                    ? end_status(rc)
-                           : rc == FLIGHT_FETCH_DONE ? COALESCE_EUPSTREAM
-                                                     : COALESCE_EINVAL,
-                           &p);
+            run_end_locked(R, status, &p);
         R->w.ended = true;
         run_unref(R, &p);
     }
@@ -2420,7 +2451,11 @@ static int rr_poll(rreader_t *rr, post_t *p)
             cr = pc->qh;
         }
         run_t *R = pc->run;
-        if (R->replied && R->gen != rr->gen) /* The object changed. */
+        /* The object changed: this fetch replied for another version, or
+         * found another version too short (past the end of the reader's
+         * own version, it would have ended before this chunk). */
+        if ((R->replied && R->gen != rr->gen) ||
+            (rr->gen && R->ended && R->status == FLIGHT_ERANGE))
             return rr_finish(rr, FLIGHT_EMISMATCH, p);
         if (!cr) {
             if (R->ended && R->status < 0)
@@ -2470,8 +2505,10 @@ static void rr_advance(rreader_t *rr, size_t n)
     rr->pos += n;
     rr->pub.off += n;
     rr->obj->sh->st.bytes_delivered += n;
-    if (rr->pub.status)
-        return; /* Stopped while copying: no cursor left. */
+    /* Stopped while copying: no cursor left. Nothing consumed (a consume
+     * of 0 bytes): there may be no cursor yet. */
+    if (rr->pub.status || !n)
+        return;
     flight_reader_t *cr = rr->pv[rr->cur].qh;
     cr->pos += n;
     cr->off += n;
@@ -2500,8 +2537,10 @@ static int rr_meta_poll(rreader_t *rr, post_t *p)
         uint64_t t = rr_total(rr);
         if (t != FLIGHT_SIZE_UNKNOWN && rr->first >= t)
             return rr_finish(rr, FLIGHT_ERANGE, p);
+        /* A reader detached meanwhile (lag) keeps its own status: the
+         * fetch may have ended only because of that (orphan cancel). */
         if (R->ended && R->status < 0 && !R->written && !R->meta_set)
-            return R->status;
+            return rr->pub.status ? rr->pub.status : R->status;
         rr_count(rr);
         return 0;
     }
@@ -2910,6 +2949,11 @@ rr_lead(rreader_t *rr, flight_range_fetch_cb fetch, void *data, post_t *pp)
                 R->ask_last = total - 1;
             if (R->b == CHUNK_OPEN || R->b > (total - 1) / cs)
                 R->b = (total - 1) / cs;
+            /* As in flight_set_range(): pieces past the end need nothing
+             * from it (the leader's first chunk is before the end). */
+            for (piece_t *pc = R->pieces; pc; pc = pc->rnext)
+                if (pc->from > R->b)
+                    piece_uncount(pc, true, &p);
         }
         R->fetching = true;
         sh->st.range_fetches++;
@@ -3040,6 +3084,8 @@ int flight_reader_range(flight_reader_t *r,
         rc = FLIGHT_ERANGE;
     else if (t == FLIGHT_SIZE_UNKNOWN && !R0->replied) {
         rc = R0->ended && R0->status < 0 ? R0->status : COALESCE_EAGAIN;
+        if (rc < 0 && rc != COALESCE_EAGAIN && rr->pub.status)
+            rc = rr->pub.status; /* Detached: as in rr_meta_poll(). */
         if (rc == FLIGHT_ERANGE)
             t = R0->total;
     }

@@ -958,7 +958,7 @@ static int ms_range(cache_store_t *s,
     pthread_mutex_lock(&st->mu);
     int64_t at = rev ? rev : st->rev;
     if (at > st->rev || at < st->compact_rev)
-        rc = COALESCE_ERANGE;
+        rc = COALESCE_ECOMPACTED;
     for (knode_t *k = rc ? NULL : sl_seek(st, key, keylen, NULL);
          k && !span_past(&sp, k->key, k->keylen); k = k->next[0]) {
         rec_t *r = live_at(k, at);
@@ -1278,7 +1278,7 @@ static int ms_watch(cache_store_t *s,
     int rc = 0;
     pthread_mutex_lock(&st->mu);
     if (start_rev && start_rev < st->compact_rev) {
-        watch_end(w, COALESCE_ERANGE, st->compact_rev);
+        watch_end(w, COALESCE_ECOMPACTED, st->compact_rev);
     } else {
         w->min_rev = start_rev ? start_rev : st->rev + 1;
         if (start_rev && start_rev <= st->rev)
@@ -1336,10 +1336,8 @@ static void ms_watch_cancel(cache_store_t *s, cache_watch_t *w)
 static int ms_lease_grant(cache_store_t *s, int64_t ttl_ms, int64_t *id)
 {
     memstore_t *st = MS(s);
-    if (!s || !id || ttl_ms < 0)
-        return COALESCE_EINVAL;
-    if (ttl_ms < 1)
-        ttl_ms = 1;
+    if (!s || !id || ttl_ms <= 0)
+        return COALESCE_EINVAL; /* As etcd, which refuses a TTL of 0. */
     int64_t now = coalesce__now_ns();
     int64_t deadline = ttl_ms > (INT64_MAX - now) / 1000000
                            ? INT64_MAX
@@ -1553,7 +1551,7 @@ int cache_memstore_compact(cache_store_t *s, int64_t rev)
     int rc = 0;
     pthread_mutex_lock(&st->mu);
     if (rev <= st->compact_rev || rev > st->rev)
-        rc = COALESCE_ERANGE;
+        rc = COALESCE_ECOMPACTED;
     else
         compact_locked(st, rev);
     pthread_mutex_unlock(&st->mu);

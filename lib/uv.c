@@ -379,6 +379,12 @@ int flight_uv_close(flight_uv_t *u)
     if (u->nreaders)
         return COALESCE_EBUSY;
     pthread_mutex_lock(&u->mu);
+    if (u->closing) {
+        /* A second close before the loop freed it: an error, not a
+         * second uv_close() on the same handle. */
+        pthread_mutex_unlock(&u->mu);
+        return COALESCE_ECLOSING;
+    }
     u->closing = true;
     pthread_mutex_unlock(&u->mu);
     run_tasks(u, SIZE_MAX);

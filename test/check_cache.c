@@ -171,6 +171,8 @@ struct wrap {
     /* Set by tests once cache_stop() returned: no callback may follow. */
     int stopped;
     long late;
+    /* A store written for 0.4: compaction is COALESCE_ERANGE. */
+    int legacy_erange;
 };
 
 static void wrap_lock(wrap_t *w)
@@ -272,6 +274,12 @@ static int64_t resp_top(const cache_watch_resp_t *r)
 static void wrap_deliver(wrap_watch_t *ww, const cache_watch_resp_t *r)
 {
     wrap_t *w = ww->w;
+    cache_watch_resp_t old;
+    if (w->legacy_erange && r->error == COALESCE_ECOMPACTED) {
+        old = *r;
+        old.error = COALESCE_ERANGE;
+        r = &old;
+    }
     wrap_lock(w);
     while (w->pause_after >= 0 && resp_top(r) > w->pause_after) {
         w->paused = 1;
@@ -344,7 +352,8 @@ static int w_watch(cache_store_t *s,
                                   w_watch_cb, ww, &ww->inner);
     if (rc != 0) {
         free(ww);
-        return rc;
+        return w->legacy_erange && rc == COALESCE_ECOMPACTED ? COALESCE_ERANGE
+                                                             : rc;
     }
     wrap_lock(w);
     w->live++;
@@ -1132,6 +1141,10 @@ START_TEST(test_b1_get_prefix)
     scan_stop_t st = {0, 1};
     ASSERT_OK(cache_scan(t->c, t->pfx, t->pfxlen, scan_stop_cb, &st));
     ck_assert_int_eq(st.calls, 1);
+    /* NULL, 0 scans the whole cache (no memcmp on NULL: UBSan). */
+    st.calls = 0;
+    ASSERT_OK(cache_scan(t->c, NULL, 0, scan_stop_cb, &st));
+    ck_assert_int_eq(st.calls, 1);
     assert_same(t);
     t_finish(t);
 }
@@ -1777,9 +1790,10 @@ END_TEST
 
 /* X5: the watch is cut, writes and a compaction happen, the resume finds
  * its revision compacted: relist, report, state equals the store. */
-START_TEST(test_x5_compaction_relist)
+static void x5_compaction_relist(int _i, int legacy)
 {
     TINIT(T_WRAP);
+    t->w->legacy_erange = legacy;
     ext_put(t, "a", "a1");
     ext_put(t, "gone", "g");
     ext_put(t, "same", "s");
@@ -1814,6 +1828,19 @@ START_TEST(test_x5_compaction_relist)
     fresh(t, r2);
     ASSERT_VAL(CGET("after"), "x");
     t_finish(t);
+}
+
+START_TEST(test_x5_compaction_relist)
+{
+    x5_compaction_relist(_i, 0);
+}
+END_TEST
+
+/* The same with a store written for 0.4, whose compaction code was
+ * COALESCE_ERANGE: the cache still relists. */
+START_TEST(test_x5_compaction_relist_legacy_erange)
+{
+    x5_compaction_relist(_i, 1);
 }
 END_TEST
 
@@ -2743,6 +2770,18 @@ START_TEST(test_wc_lifecycle)
     ASSERT_OK(cache_new(&c, t->store, big, 64 * KiB, NULL));
     cache_free(c);
     free(big);
+    /* A store built against a later store.h (methods appended) is
+     * accepted; version 0 is not a store. The ops are restored at once. */
+    const cache_store_ops_t *ops0 = t->store->ops;
+    cache_store_ops_t later = *ops0;
+    t->store->ops = &later;
+    later.version = CACHE_STORE_OPS_VERSION + 1;
+    ASSERT_OK(cache_new(&c, t->store, t->pfx, t->pfxlen, NULL));
+    cache_free(c);
+    later.version = 0;
+    ASSERT_RC(cache_new(&c, t->store, t->pfx, t->pfxlen, NULL),
+              COALESCE_EINVAL);
+    t->store->ops = ops0;
     cache_free(NULL);
     cache_store_free(NULL);
 
@@ -3810,6 +3849,35 @@ START_TEST(test_oom_new_start_write)
 }
 END_TEST
 
+/* A relist while degraded keeps no copy but still moves W to its revision:
+ * the watch goes on from there, and a resume must not ask for less (found
+ * by test/fuzz/fuzz_cache.c, seed bug_degraded_relist_keeps_w). */
+START_TEST(test_wc_degraded_relist_moves_w)
+{
+    TINIT(0);
+    ext_put(t, "k1", "v");
+    ext_put(t, "k2", "v");
+    t->opts.max_entries = 1;
+    t_start(t);
+    ck_assert(replog_wait(&t->log, CACHE_REPORT_OVERFLOW, 1, WAIT_MS));
+    ck_assert_int_eq(HEALTH().state, CACHE_DEGRADED);
+    /* The store moves on outside the prefix and is compacted past W + 1. */
+    ext_put_outside(t, "x");
+    int64_t r = ext_put_outside(t, "y");
+    ASSERT_OK(cache_memstore_compact(t->inner, r));
+    cut(t, COALESCE_EIO);
+    ck_assert(replog_wait(&t->log, CACHE_REPORT_RELISTED, 1, WAIT_MS));
+    pthread_mutex_lock(&t->log.mu);
+    int64_t r1 = t->log.rev[CACHE_REPORT_RELISTED];
+    pthread_mutex_unlock(&t->log.mu);
+    ck_assert_int_ge(r1, r);
+    ck_assert_int_eq(HEALTH().watch_rev, r1);
+    ASSERT_OK(cache_wait_fresh(t->c, r1, 0));
+    ck_assert_int_eq(HEALTH().state, CACHE_DEGRADED);
+    t_finish(t);
+}
+END_TEST
+
 /* =========================================================================
  * The suite
  * ========================================================================= */
@@ -3867,6 +3935,7 @@ Suite *make_cache_suite(void)
 
     tc = tcase(s, "X5-X8 watch recovery", 15);
     ADD_HOOKS(tc, test_x5_compaction_relist);
+    ADD_HOOKS(tc, test_x5_compaction_relist_legacy_erange);
     ADD_HOOKS(tc, test_x5_relist_keeps_newer_write_through);
     ADD_HOOKS(tc, test_x5_relist_keeps_prefix_delete);
     ADD_HOOKS(tc, test_x6_resume_after_cut);
@@ -3906,6 +3975,9 @@ Suite *make_cache_suite(void)
 
     tc = tcase(s, "allocation failures", 60);
     ADD(tc, test_oom_new_start_write);
+
+    tc = tcase(s, "regressions", 15);
+    ADD_HOOKS(tc, test_wc_degraded_relist_moves_w);
 
     return s;
 }

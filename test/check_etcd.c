@@ -1195,7 +1195,7 @@ START_TEST(test_error_mapping)
     int more;
     ASSERT_RC(s->ops->range(s, k, strlen(k), NULL, 0, r1, 0, kvl_store_cb, &l,
                             &h, &more),
-              COALESCE_ERANGE);
+              COALESCE_ECOMPACTED);
     ASSERT_LAST_ERROR_HAS("compacted");
     ck_assert_uint_eq(l.n, 0); /* no callback on failure */
     sget_t g;
@@ -1205,12 +1205,12 @@ START_TEST(test_error_mapping)
     ck_assert_str_eq(g.val, "2"); /* the compact revision itself is kept */
     ASSERT_RC(s->ops->range(s, k, strlen(k), NULL, 0, r3 + 1000, 0, sget_cb, &g,
                             &h, &more),
-              COALESCE_ERANGE);
+              COALESCE_ECOMPACTED);
     ASSERT_LAST_ERROR_HAS("future");
-    ASSERT_RC(cache_etcd_compact(s, r2), COALESCE_ERANGE);
+    ASSERT_RC(cache_etcd_compact(s, r2), COALESCE_ECOMPACTED);
     ASSERT_LAST_ERROR_HAS("compacted");
-    ASSERT_RC(cache_etcd_compact(s, r1), COALESCE_ERANGE);
-    ASSERT_RC(cache_etcd_compact(s, r3 + 1000), COALESCE_ERANGE);
+    ASSERT_RC(cache_etcd_compact(s, r1), COALESCE_ECOMPACTED);
+    ASSERT_RC(cache_etcd_compact(s, r3 + 1000), COALESCE_ECOMPACTED);
     ASSERT_LAST_ERROR_HAS("future");
 
     /* NotFound: unknown leases. */
@@ -1321,7 +1321,7 @@ START_TEST(test_watch_events)
     got = wrec_wait(&w, &w.cancels, 1, 5000);
     watch_stop(s, cw, &w);
     ck_assert_msg(got, "no canceling response");
-    ck_assert_int_eq(w.error, COALESCE_ERANGE);
+    ck_assert_int_eq(w.error, COALESCE_ECOMPACTED);
     ck_assert_int_eq(w.compact, k3);
     ck_assert_int_eq(w.nev, 0);
     ck_assert_int_eq(w.resps, 1);
@@ -2587,7 +2587,7 @@ START_TEST(test_fake_unary)
         {500, "{\"error\":\"msg3\",\"message\":\"msg3\",\"code\":3}",
          COALESCE_EINVAL, "msg3"},
         {400, "{\"error\":\"msg11\",\"message\":\"msg11\",\"code\":11}",
-         COALESCE_ERANGE, "msg11"},
+         COALESCE_ECOMPACTED, "msg11"},
         {503, "{\"error\":\"msg14\",\"message\":\"msg14\",\"code\":14}",
          COALESCE_EIO, "msg14"},
         {400, "{\"error\":\"msg5\",\"message\":\"msg5\",\"code\":5}",
@@ -2908,7 +2908,7 @@ START_TEST(test_fake_watch_endings)
          "{\"result\":{\"header\":{\"cluster_id\":\"1\",\"member_id\":\"2\","
          "\"raft_term\":\"2\"},\"canceled\":true,\"compact_revision\":"
          "\"16\"}}\n",
-         P_HOLD, COALESCE_ERANGE, 16},
+         P_HOLD, COALESCE_ECOMPACTED, 16},
         {"canceled", P_CHUNK,
          "{\"result\":{\"header\":{\"revision\":\"12\"},\"canceled\":true,"
          "\"cancel_reason\":\"going away\"}}\n",
@@ -3544,6 +3544,83 @@ START_TEST(test_tls_auth)
 }
 END_TEST
 
+/*
+ * Replies that are not what etcd sends are refused, never misread (found by
+ * test/fuzz/fuzz_etcd.c): an event type that is not a name (a number was
+ * taken for a PUT), a result that is not an object (delivered as progress),
+ * a null key (a NULL key pointer), a null or non-object prev_kv (taken for
+ * a previous key with revision 0).
+ */
+START_TEST(test_fake_strict_decode)
+{
+    char good[512];
+    line_put(good, sizeof(good), 11, "/fake/a", "one", 11, 11, 1);
+    const char *const lines[] = {
+        "{\"result\":{\"header\":{\"revision\":\"12\"},\"events\":[{\"type\":"
+        "1,\"kv\":{\"key\":\"L2Zha2UvYg==\",\"mod_revision\":\"12\"}}]}}\n",
+        "{\"result\":\"L2Zha2UvYg==\"}\n",
+        "{\"result\":{\"header\":{\"revision\":\"12\"},\"events\":[{\"kv\":"
+        "{\"key\":null,\"mod_revision\":\"12\"}}]}}\n",
+    };
+    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+        fscript_t f;
+        fs_init(&f);
+        char created[256];
+        line_created(created, sizeof(created), 10);
+        fs_piece(&f, P_CHUNK, created);
+        fs_piece(&f, P_CHUNK, good);
+        fs_piece(&f, P_CHUNK, lines[i]);
+        fs_piece(&f, P_HOLD, NULL);
+        wrec_t w;
+        wrec_init(&w);
+        long reqs = 0;
+        ASSERT_OK(fake_watch(&f, &w, 0, &reqs));
+        ck_assert_msg(!w.bad, "line %zu: %s", i, w.why);
+        ck_assert_msg(w.cancels == 1 && w.error == COALESCE_EDECODE &&
+                          w.nev == 1 && w.resps == 2,
+                      "line %zu: %ld events in %ld responses, %ld cancels "
+                      "(%s); want the good event, then COALESCE_EDECODE",
+                      i, w.nev, w.resps, w.cancels, coalesce_err_name(w.error));
+        wrec_destroy(&w);
+        fs_destroy(&f);
+    }
+
+    fscript_t f;
+    fs_init(&f);
+    fake_http_t *srv = fake_up(fs_handler, &f);
+    cache_store_t *s = fake_store(srv, 0);
+    kvlist_t l = {0};
+    int64_t h = 0;
+    int more = 0;
+    fs_range(&f, 200,
+             "{\"header\":{\"revision\":\"7\"},\"kvs\":[{\"key\":null,"
+             "\"mod_revision\":\"6\"}]}");
+    ASSERT_RC(s->ops->range(s, "/fake/", 6, "/fake0", 6, 0, 0, kvl_store_cb, &l,
+                            &h, &more),
+              COALESCE_EDECODE);
+    ck_assert_uint_eq(l.n, 0);
+    cache_op_t op = {.type = CACHE_OP_PUT,
+                     .key = "/fake/k",
+                     .keylen = 7,
+                     .value = "v",
+                     .vallen = 1};
+    cache_op_result_t res;
+    int ok = -1;
+    int64_t rev = -1;
+    fs_txn(&f, 200, "{\"header\":{\"revision\":\"9\"},\"prev_kv\":null}");
+    ASSERT_OK(s->ops->txn(s, NULL, 0, &op, 1, &ok, &rev, &res));
+    ck_assert_int_eq(ok, 1);
+    ck_assert_int_eq(rev, 9);
+    ck_assert_int_eq(res.has_prev, 0);
+    fs_txn(&f, 200, "{\"header\":{\"revision\":\"9\"},\"prev_kv\":\"x\"}");
+    ASSERT_RC(s->ops->txn(s, NULL, 0, &op, 1, &ok, &rev, &res),
+              COALESCE_EDECODE);
+    cache_store_free(s);
+    fake_down(srv);
+    fs_destroy(&f);
+}
+END_TEST
+
 /* --- Registration --------------------------------------------------------- */
 
 static TCase *tcase_live(Suite *s, const char *name, double timeout)
@@ -3579,6 +3656,7 @@ Suite *make_etcd_suite(void)
     tcase_add_test(tc, test_fake_watch_stream);
     tcase_add_test(tc, test_fake_watch_endings);
     tcase_add_test(tc, test_fake_cache_decode_recovers);
+    tcase_add_test(tc, test_fake_strict_decode);
 
     tc = tcase_live(s, "auth and TLS", 40);
     tcase_add_test(tc, test_auth);

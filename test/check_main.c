@@ -25,6 +25,7 @@ int main(void)
     srunner_add_suite(sr, make_proxy_suite());
     srunner_add_suite(sr, make_memstore_suite());
     srunner_add_suite(sr, make_cache_suite());
+    srunner_add_suite(sr, make_oom_suite());
     srunner_add_suite(sr, make_etcd_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

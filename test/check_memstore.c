@@ -573,7 +573,7 @@ START_TEST(ms_range_paging)
     int64_t hdr = 77;
     ck_assert_int_eq(
         range(s, "p/", 2, "p0", 2, rev_of(s) + 1, 0, &l, &hdr, &more),
-        COALESCE_ERANGE);
+        COALESCE_ECOMPACTED);
     ck_assert_int_eq(hdr, 77);
     ck_assert_int_eq(range(s, "p/", 2, "p0", 2, -1, 0, &l, NULL, NULL),
                      COALESCE_EINVAL);
@@ -610,9 +610,9 @@ START_TEST(ms_range_compaction)
     ck_assert_int_eq(cache_memstore_compact(s, 5), 0);
     ms_list_t l = {0};
     ck_assert_int_eq(range(s, "a", 1, NULL, 0, 4, 0, &l, NULL, NULL),
-                     COALESCE_ERANGE);
+                     COALESCE_ECOMPACTED);
     ck_assert_int_eq(range(s, "", 0, "\0", 1, 1, 0, &l, NULL, NULL),
-                     COALESCE_ERANGE);
+                     COALESCE_ECOMPACTED);
     ck_assert_uint_eq(l.n, 0);
     /* At the compact revision itself every key reads as it was. */
     ck_assert_int_eq(get(s, "a", 5, &kv), 1);
@@ -625,12 +625,12 @@ START_TEST(ms_range_compaction)
     assert_meta(&kv, "v3", 2, 7, 3, 0);
 
     /* Compacting again there, below, or in the future. */
-    ck_assert_int_eq(cache_memstore_compact(s, 5), COALESCE_ERANGE);
-    ck_assert_int_eq(cache_memstore_compact(s, 4), COALESCE_ERANGE);
-    ck_assert_int_eq(cache_memstore_compact(s, 8), COALESCE_ERANGE);
+    ck_assert_int_eq(cache_memstore_compact(s, 5), COALESCE_ECOMPACTED);
+    ck_assert_int_eq(cache_memstore_compact(s, 4), COALESCE_ECOMPACTED);
+    ck_assert_int_eq(cache_memstore_compact(s, 8), COALESCE_ECOMPACTED);
     ck_assert_int_eq(cache_memstore_compact(s, 7), 0);
     ck_assert_int_eq(range(s, "a", 1, NULL, 0, 6, 0, &l, NULL, NULL),
-                     COALESCE_ERANGE);
+                     COALESCE_ECOMPACTED);
     ck_assert_int_eq(range(s, "", 0, "\0", 1, 7, 0, &l, NULL, NULL), 0);
     ck_assert_uint_eq(l.n, 2); /* a, c */
     kvlist_free(&l);
@@ -677,7 +677,7 @@ START_TEST(ms_auto_compact)
     ck_assert_int_eq(kv.mod, 8);
     ms_list_t l = {0};
     ck_assert_int_eq(range(s, "k", 1, NULL, 0, 7, 0, &l, NULL, NULL),
-                     COALESCE_ERANGE);
+                     COALESCE_ECOMPACTED);
     /* A watch from the compacted part is canceled, one at its edge runs. */
     wrec_t a, b;
     wrec_init(&a, 8, 8);
@@ -685,7 +685,7 @@ START_TEST(ms_auto_compact)
     cache_watch_t *wa = watch_all(s, 7, &a);
     cache_watch_t *wb = watch_all(s, 8, &b);
     resprec_t r = resp_at(&a, 0);
-    ck_assert_int_eq(r.error, COALESCE_ERANGE);
+    ck_assert_int_eq(r.error, COALESCE_ECOMPACTED);
     ck_assert_int_eq(r.compact, 8);
     r = assert_resp(&b, 0, 11, 4);
     cancel(s, wa, &a);
@@ -1137,7 +1137,7 @@ START_TEST(ms_watch_compacted)
     wrec_init(&b, 8, 8);
     cache_watch_t *hc = watch_all(s, 3, &c);
     resprec_t r = resp_at(&c, 0);
-    ck_assert_int_eq(r.error, COALESCE_ERANGE);
+    ck_assert_int_eq(r.error, COALESCE_ECOMPACTED);
     ck_assert_int_eq(r.compact, 5);
     ck_assert_uint_eq(r.n, 0);
 
@@ -1354,6 +1354,8 @@ START_TEST(ms_lease_expiry)
     cache_store_t *s = store_new(0);
     int64_t shortl = 0, longl = 0, x = 0;
     ck_assert_int_eq(s->ops->lease_grant(s, -1, &x), COALESCE_EINVAL);
+    /* As etcd: a TTL of 0 is refused, not rounded up. */
+    ck_assert_int_eq(s->ops->lease_grant(s, 0, &x), COALESCE_EINVAL);
     ck_assert_int_eq(s->ops->lease_grant(s, 1, NULL), COALESCE_EINVAL);
     ck_assert_int_eq(s->ops->lease_grant(s, 600000, &longl), 0);
     ck_assert_int_eq(s->ops->lease_grant(s, 60000, &x), 0);

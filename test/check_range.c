@@ -2419,6 +2419,141 @@ START_TEST(test_rg_offset_limit)
 }
 END_TEST
 
+/* For test_rg_fuzz_regressions: the first fetch registers a caller whose
+ * range the next run covers, then reports a size that clips that run. */
+typedef struct nest {
+    flight_group_t *g;
+    flight_reader_t *z;
+    flight_writer_t *w[2];
+    int n;
+} nest_t;
+
+static int
+nest_cb(flight_writer_t *w, uint64_t first, uint64_t last, void *data)
+{
+    nest_t *t = data;
+    ck_assert_int_lt(t->n, 2);
+    t->w[t->n++] = w;
+    if (t->n == 1) {
+        ck_assert_int_eq(
+            flight_do_range(t->g, "nest", 4, 30, 39, nest_cb, t, &t->z), 0);
+        ck_assert_int_eq(flight_set_range(w, first, last, 25, "v1", 2), 0);
+    }
+    return FLIGHT_FETCH_ASYNC;
+}
+
+/*
+ * Found by test/fuzz/fuzz_range.c. A consume of 0 bytes before any byte
+ * came; a fetch callback returning COALESCE_EOF over a short body; a size
+ * learnt by a later fetch, before the object changed; the rest of a range
+ * past the end of a new version; a size recorded by a finished fetch that
+ * a later reply of unknown size contradicts.
+ */
+START_TEST(test_rg_fuzz_regressions)
+{
+    LEAK_START();
+    flight_group_t *g = rgroup(10);
+    rfetch_t f, e;
+    rfetch_init(&f, R_ASYNC, 908, 100);
+    rfetch_init(&e, R_RET, 908, 100);
+    e.ret = COALESCE_EOF;
+    const char *v1 = "v1", *v2 = "v2";
+
+    flight_reader_t *r = rdo(g, "c0", 0, 9, &f);
+    ck_assert_int_eq(flight_consume(r, 0), 0);
+    rf_finish(&f, 0);
+    ASSERT_READS(r, f.seed, 0, 9);
+    flight_reader_close(r);
+
+    r = rdo(g, "eof", 0, 9, &e);
+    ck_assert_int_eq(flight_meta(r, 0, NULL, NULL), FLIGHT_EMISMATCH);
+    ck_assert_int_eq(flight_reader_range(r, NULL, NULL, NULL),
+                     FLIGHT_EMISMATCH);
+    ASSERT_ENDS(r, e.seed, 0, 0, FLIGHT_EMISMATCH);
+    ck_assert_uint_eq(stats_of(g).range_mismatches, 1);
+    flight_reader_close(r);
+
+    /* X [0, 29]: leads 0-9, joins Y's 10-19, leads 20-29; only Y's fetch
+     * tells the size (15), and the object changes before X looks. */
+    flight_reader_t *y = rdo(g, "stale", 10, 19, &f);
+    flight_reader_t *x = rdo(g, "stale", 0, 29, &f);
+    ASSERT_CALL(&f, 2, 0, 9);
+    ASSERT_CALL(&f, 3, 20, 29);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 2), 0, 9, UNK, v1, 2), 0);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 1), 10, 14, 15, v1, 2), 0);
+    rf_write(&f, 1, 10, 5);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 3), END, END, 15, v1, 2),
+                     FLIGHT_ERANGE);
+    rf_write(&f, 2, 0, 10);
+    flight_reader_t *q = rdo(g, "stale", 0, 9, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 4), 0, 9, 100, v2, 2), 0);
+    for (long i = 1; i <= 4; i++) {
+        flight_end(rf_w(&f, i), 0);
+        flight_writer_release(rf_w(&f, i));
+    }
+    ASSERT_READS(x, f.seed, 0, 14);
+    close_readers(x, y, q, NULL);
+
+    /* X [0, -] joins 0-9 and leads 10-: that reply is a 416 of another
+     * version, X's rest is not "past the end" of its own. */
+    y = rdo(g, "grow", 0, 9, &f);
+    x = rdo(g, "grow", 0, END, &f);
+    ASSERT_CALL(&f, 6, 10, END);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 5), 0, 9, 100, v1, 2), 0);
+    rf_write(&f, 5, 0, 10);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 6), END, END, 5, v2, 2),
+                     FLIGHT_ERANGE);
+    ASSERT_ENDS(x, f.seed, 0, 10, FLIGHT_EMISMATCH);
+    for (long i = 5; i <= 6; i++) {
+        flight_end(rf_w(&f, i), 0);
+        flight_writer_release(rf_w(&f, i));
+    }
+    close_readers(x, y, NULL);
+
+    /* A reply ending early (size 15) from a fetch that has finished; a
+     * later one has bytes 40-59, size not given: they are delivered. */
+    r = rdo(g, "old", 0, 19, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 7), 0, 14, UNK, NULL, 0), 0);
+    rf_write(&f, 7, 0, 15);
+    ck_assert_int_eq(flight_end(rf_w(&f, 7), 0), 0);
+    flight_writer_release(rf_w(&f, 7));
+    x = rdo(g, "old", 40, 59, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 8), 40, 59, UNK, NULL, 0), 0);
+    rf_complete(&f, 8, 40);
+    ASSERT_READS(x, f.seed, 40, 59);
+    close_readers(r, x, NULL);
+
+    /* A reply ending early (size 6) while another fetch in flight has
+     * replied bytes up to 49: a mismatch, not a smaller object. */
+    x = rdo(g, "small", 20, 49, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 9), 20, 49, UNK, v1, 2), 0);
+    y = rdo(g, "small", 0, 9, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 10), 0, 5, UNK, v1, 2),
+                     FLIGHT_EMISMATCH);
+    flight_writer_release(rf_w(&f, 10));
+    ASSERT_ENDS(y, f.seed, 0, 0, FLIGHT_EMISMATCH);
+    rf_complete(&f, 9, 20);
+    ASSERT_READS(x, f.seed, 20, 49);
+    close_readers(x, y, NULL);
+
+    /* X [0, -] leads 0-9 and 20-; Z [30, 39] joins the second before it
+     * starts, then the size (25) clips it to 20-24: Z waits for nothing
+     * from it. */
+    y = rdo(g, "nest", 10, 19, &f);
+    nest_t t = {.g = g};
+    ck_assert_int_eq(flight_do_range(g, "nest", 4, 0, END, nest_cb, &t, &x), 0);
+    ck_assert_int_eq(t.n, 2);
+    ck_assert_uint_eq(flight_writer_readers(t.w[1]), 1);
+    ASSERT_ENDS(t.z, f.seed, 30, 0, FLIGHT_ERANGE);
+    flight_writer_release(t.w[0]);
+    flight_writer_release(t.w[1]);
+    flight_writer_release(rf_w(&f, 11));
+    close_readers(x, y, t.z, NULL);
+    rfetch_destroy_all(&f, &e, NULL);
+    FINISH(g);
+}
+END_TEST
+
 Suite *make_range_suite(void)
 {
     Suite *s = suite_create("range");
@@ -2484,6 +2619,7 @@ Suite *make_range_suite(void)
     tcase_add_test(tc, test_rg_lag_cancels_two_fetches);
     tcase_add_test(tc, test_rg_lag_frees_chunk_mid_write);
     tcase_add_test(tc, test_rg_offset_limit);
+    tcase_add_test(tc, test_rg_fuzz_regressions);
 
     return s;
 }

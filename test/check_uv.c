@@ -949,6 +949,8 @@ START_TEST(uv_api_errors)
     ck_assert_int_eq(ran, 0); /* EBUSY changed nothing */
     flight_uv_reader_close(ur);
     ck_assert_int_eq(flight_uv_close(u), 0);
+    /* A second close before the loop freed it is refused, not a crash. */
+    ck_assert_int_eq(flight_uv_close(u), COALESCE_ECLOSING);
     ck_assert_int_eq(uv_run(&loop, UV_RUN_DEFAULT), 0);
     ck_assert_int_eq(uv_loop_close(&loop), 0);
     FINISH(g);

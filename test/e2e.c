@@ -447,9 +447,21 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     /* At EOF a zero-length execute lets the parser end a body that is
      * delimited by the close, and otherwise report it incomplete. */
-    size_t len = nread < 0 ? 0 : (size_t)nread;
+    size_t len = nread < 0 ? 0 : (size_t)nread, first = len;
+    uint64_t ah = c->req->abort_after_head;
+    if (ah && !c->req->status && c->raw < ah && c->raw + len >= ah)
+        first = (size_t)(ah - c->raw); /* the head may end before: see below */
     c->raw += len;
-    http_parser_execute(&c->parser, &settings, len ? buf->base : NULL, len);
+    http_parser_execute(&c->parser, &settings, len ? buf->base : NULL, first);
+    if (first < len && !c->message_done && !c->aborted &&
+        HTTP_PARSER_ERRNO(&c->parser) == HPE_OK) {
+        if (!c->req->status) {
+            finish(c, E2E_EABORTED, 1);
+            return;
+        }
+        http_parser_execute(&c->parser, &settings, buf->base + first,
+                            len - first);
+    }
     if (c->message_done)
         finish(c, E2E_OK, 0);
     else if (c->aborted)
@@ -470,6 +482,8 @@ static void on_write(uv_write_t *w, int status)
     struct conn *c = w->data;
     if (status < 0 && !c->done)
         finish(c, E2E_ERESET, 0);
+    else if (c->req->abort_at_send && !c->done)
+        finish(c, E2E_EABORTED, c->req->abort_at_send == 1);
 }
 
 /* Every connection is up (or failed): send all requests together. */

@@ -67,6 +67,11 @@ typedef struct e2e_req {
     int verify;           /* check each body byte against the origin's object */
     int close_when_others_done; /* closed (E2E_EABORTED) once every request
                                    without this flag is done */
+    int abort_at_send; /* closed (E2E_EABORTED) as soon as the request is
+                          written: 1 with an RST, 2 with a FIN; 0: never */
+    uint64_t abort_after_head; /* reset (E2E_EABORTED) once this many
+                                  response bytes have come while the head is
+                                  still incomplete; 0: never */
 
     /* Output, set by e2e_run. Times are microseconds since the instant every
      * request was sent, -1 if never reached. */

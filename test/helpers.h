@@ -28,6 +28,7 @@ Suite *make_uv_suite(void);
 Suite *make_proxy_suite(void);
 Suite *make_memstore_suite(void);
 Suite *make_cache_suite(void);
+Suite *make_oom_suite(void);
 
 /*
  * Allocation accounting and failure injection. check_main installs a

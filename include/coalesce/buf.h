@@ -26,13 +26,19 @@ extern "C" {
 
 typedef struct coalesce_buf coalesce_buf_t;
 
-/** Destructor for wrapped memory: free_fn(ptr, free_data). */
+/**
+ * Destructor for wrapped memory: free_fn(ptr, free_data), called once, by
+ * whichever thread drops the last reference, possibly from inside a library
+ * call (a flight read, flight_reader_close(), flight_end()...). It must not
+ * block and must not use the buffer.
+ */
 typedef void (*coalesce_buf_free_cb)(void *ptr, void *free_data);
 
 /**
  * @brief Allocate a buffer of @p len bytes, writable until published.
  * @param[out] out New reference on success; untouched on failure.
- * @param[in] len Capacity and initial length; 0 is allowed.
+ * @param[in] len Capacity and initial length; 0 is allowed. The bytes are
+ *            not initialised.
  * @return 0; COALESCE_EINVAL if @p out is NULL; COALESCE_ENOMEM.
  * Thread safety: yes.
  * @since 0.1
@@ -51,7 +57,11 @@ COALESCE_API int coalesce_buf_new(coalesce_buf_t **out, size_t len);
  *             @p free_fn is not called).
  * @param[in] data Adopted through @p free_fn (borrowed if it is NULL); may be
  *            NULL only when @p len is 0.
- * @return 0; COALESCE_EINVAL; COALESCE_ENOMEM.
+ * @param[in] free_fn May be NULL; see coalesce_buf_free_cb.
+ * @param[in] free_data Passed to @p free_fn; borrowed.
+ * @return 0; COALESCE_EINVAL (NULL @p out, or NULL @p data with @p len > 0);
+ *         COALESCE_ENOMEM. The new buffer counts as published at once: it
+ *         is never writable through coalesce_buf_mutable().
  * Thread safety: yes.
  * @since 0.1
  */
@@ -71,9 +81,11 @@ COALESCE_API int coalesce_buf_new_wrap(coalesce_buf_t **out,
 COALESCE_API void *coalesce_buf_mutable(coalesce_buf_t *b);
 
 /**
- * @brief Shrink an unpublished buffer, e.g. after a short recv().
+ * @brief Shrink an unpublished buffer, e.g. after a short recv(). It never
+ *        grows.
  * @return 0; COALESCE_EINVAL if @p b is NULL or @p len exceeds its length;
- *         COALESCE_EBUSY if the buffer was already published.
+ *         COALESCE_EBUSY if the buffer was already published (a wrapped
+ *         buffer, or one the library made, always is).
  * Thread safety: creator only, before publishing.
  * @since 0.1
  */
@@ -99,7 +111,8 @@ COALESCE_API size_t coalesce_buf_len(const coalesce_buf_t *b);
 COALESCE_API coalesce_buf_t *coalesce_buf_ref(coalesce_buf_t *b);
 
 /**
- * @brief Drop a reference; the last one frees the buffer. NULL is a no-op.
+ * @brief Drop a reference; the last one frees the buffer (and calls the
+ *        free_fn of a wrapped one, on this thread). NULL is a no-op.
  * Thread safety: yes.
  * @since 0.1
  */

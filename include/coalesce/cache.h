@@ -29,8 +29,15 @@
  * in at once. What happened is reported through the error callback and
  * cache_health(), never by blocking the watch.
  *
+ * Lifecycle: cache_new() (stopped) -> cache_start() -> reads and writes from
+ * any threads -> cache_stop() (and cache_start() again, if wanted) ->
+ * cache_free() -> cache_store_free() of the store, which must outlive every
+ * cache over it. Values returned by cache_get() are buffers of their own and
+ * stay valid after cache_free() until they are released.
+ *
  * Thread safety: a cache_t is thread-safe; reads take a shared lock and
- * never wait for the store. Callbacks run with no cache lock held.
+ * never wait for the store; writes block until the store has answered.
+ * Callbacks run with no cache lock held.
  */
 #ifndef COALESCE_CACHE_H
 #define COALESCE_CACHE_H
@@ -52,7 +59,8 @@ enum {
     CACHE_RELISTING = 3,    /**< After a compaction; reads serve the old
                                  copy until the new one is swapped in. */
     CACHE_DEGRADED = 4      /**< Bounds exceeded: reads return
-                                 COALESCE_EOVERFLOW until restarted. */
+                                 COALESCE_EOVERFLOW until restarted
+                                 (cache_stop(), cache_start()). */
 };
 
 /** What the error callback reports (besides the code). */
@@ -65,11 +73,22 @@ enum {
 };
 
 /**
- * @brief Reports from the cache's own threads; must not block and must not
- *        call cache_stop() or cache_free() on this cache.
+ * @brief Reports from the cache's watch supervision (and bounds overflows).
+ *
+ * Runs on a reporter thread the cache owns, one report at a time, in order.
+ * It may call reads and writes on the cache, but not cache_start(),
+ * cache_stop() or cache_free() on it (they wait for this thread). It should
+ * not block long: 64 reports queue up, later ones are dropped and counted
+ * (cache_health_t.reports_dropped). On the etcd store,
+ * cache_etcd_last_error() cannot give the message behind a report: it was
+ * set on one of the cache's or the store's own threads.
+ * @param data opts.report_data.
  * @param what A CACHE_REPORT_* value.
- * @param code The underlying code (0 if none).
- * @param revision The revision concerned (W, or the relist revision).
+ * @param code The underlying code (0 if none): DISCONNECTED and FAILED carry
+ *             the store's code, DECODE COALESCE_EDECODE, OVERFLOW
+ *             COALESCE_EOVERFLOW, RELISTED 0.
+ * @param revision The revision concerned (W, the relist revision, or the
+ *                 write's commit revision for an overflow it caused).
  */
 typedef void (*cache_report_cb)(void *data,
                                 int what,
@@ -78,22 +97,25 @@ typedef void (*cache_report_cb)(void *data,
 
 /** Options; cache_opts_init() fills the defaults. */
 typedef struct cache_opts {
-    size_t size;             /**< sizeof(cache_opts_t). */
-    size_t page_size;        /**< Keys per range page. Default 500. */
-    uint64_t max_entries;    /**< 0 (default): no bound. */
+    size_t size;      /**< sizeof(cache_opts_t). */
+    size_t page_size; /**< Keys per range page. Default 500. */
+    /** Bounds: 0 (default): none. Past one the cache does not evict: it
+     *  goes CACHE_DEGRADED (reported) until restarted. */
+    uint64_t max_entries;
     uint64_t max_bytes;      /**< Keys + values; 0 (default): no bound. */
     uint32_t backoff_min_ms; /**< Resume backoff start. Default 100. */
     uint32_t backoff_max_ms; /**< Resume backoff cap. Default 30000. */
     cache_report_cb report;  /**< May be NULL. */
-    void *report_data;
+    void *report_data;       /**< Passed to report; borrowed. */
 } cache_opts_t;
 
-/** Entry metadata, as the store reported it. */
+/** Entry metadata, as the store reported it (store.h). */
 typedef struct cache_meta {
-    int64_t create_rev;
-    int64_t mod_rev;
-    int64_t version;
-    int64_t lease;
+    int64_t create_rev; /**< Revision that created the key. */
+    int64_t mod_rev;    /**< Revision of its last change: cache_update()'s
+                             and cache_delete_value()'s expect. */
+    int64_t version;    /**< 1 on create, +1 per put. */
+    int64_t lease;      /**< 0 for none. */
 } cache_meta_t;
 
 /** Health, as returned by cache_health(). */
@@ -113,7 +135,10 @@ typedef struct cache_health {
     uint64_t reports_dropped;
 } cache_health_t;
 
-/** Write options; NULL means none. */
+/** Write options; NULL means none. Read during the call only. Unlike the
+ *  other option structs it has no size field: it is frozen as it is, and
+ *  options added later will come with a new struct and call, so callers
+ *  may keep initialising it with designated initialisers. */
 typedef struct cache_put_opts {
     int64_t ttl_ms; /**< > 0: a new lease of at least this long (the store
                          may round up), revoked if the write fails. */
@@ -130,12 +155,13 @@ enum {
     CACHE_TXN_DELETE_PREFIX = 5 /**< Delete every key under key. */
 };
 
-/** One operation of cache_txn(). */
+/** One operation of cache_txn(); every pointer is borrowed for the call. */
 typedef struct cache_txn_op {
-    int type; /**< CACHE_TXN_*. */
-    const void *key;
+    int type;        /**< CACHE_TXN_*. */
+    const void *key; /**< Within the cache's prefix; DELETE_PREFIX: the
+                          prefix to delete. */
     size_t keylen;
-    const void *value;
+    const void *value; /**< Puts; may be NULL when vallen is 0. */
     size_t vallen;
     int64_t expect; /**< UPDATE, DELETE_VALUE: the mod revision read. */
     const cache_put_opts_t *opts; /**< Puts: may be NULL. */
@@ -143,7 +169,14 @@ typedef struct cache_txn_op {
 
 /**
  * @brief Receives one entry of a scan, in key order.
+ *
+ * Runs on the thread that called cache_scan(), inside it, with no cache lock
+ * held: it may call any function on the cache but cache_free(), writes
+ * included (the scan goes on over its snapshot).
+ * @param data The pointer given to cache_scan().
+ * @param key Borrowed for the call.
  * @param value Borrowed for the call; coalesce_buf_ref() keeps it.
+ * @param meta Borrowed for the call.
  * @return 0 to go on, nonzero to stop the scan.
  */
 typedef int (*cache_scan_cb)(void *data,
@@ -152,17 +185,23 @@ typedef int (*cache_scan_cb)(void *data,
                              coalesce_buf_t *value,
                              const cache_meta_t *meta);
 
-/** @brief Fill the defaults. Thread safety: yes. @since 0.2 */
+/** @brief Fill the defaults and set o->size; NULL is a no-op. Thread safety:
+ *         yes. @since 0.2 */
 COALESCE_API void cache_opts_init(cache_opts_t *o);
 
 /**
  * @brief Create a cache of the keys under @p prefix in @p store (stopped).
+ *        Contacts no store and starts no thread: see cache_start().
+ * @param[out] out New cache, freed with cache_free(); untouched on failure.
  * @param[in] store Borrowed; must outlive the cache.
  * @param[in] prefix Copied; 1 byte to 64 KiB. Keys are the prefix followed
- *            by anything; no separator is added.
- * @param[in] opts Copied; NULL for the defaults.
- * @return 0; COALESCE_EINVAL; COALESCE_ENOMEM.
- * @since 0.2
+ *            by anything (1 MiB at most in all); no separator is added.
+ * @param[in] opts Copied; NULL for the defaults. opts->size must be
+ *            sizeof(cache_opts_t) (cache_opts_init() sets it).
+ * @return 0; COALESCE_EINVAL (NULL @p out, @p store or @p prefix, bad
+ *         prefix length, a store whose ops->version is not
+ *         CACHE_STORE_OPS_VERSION, bad opts->size); COALESCE_ENOMEM.
+ * Thread safety: yes. @since 0.2
  */
 COALESCE_API int cache_new(cache_t **out,
                            cache_store_t *store,
@@ -172,29 +211,55 @@ COALESCE_API int cache_new(cache_t **out,
 
 /**
  * @brief Load the prefix and start watching it.
- * @return 0; COALESCE_EBUSY (already started); the store's code (the cache
- *         stays stopped and can be started again).
- * Thread safety: yes (concurrent starts and stops are serialized).
+ *
+ * Blocks while it lists the prefix page by page and creates the watch (the
+ * store's own timeouts bound each request), then starts the cache's
+ * supervising thread (and a reporter thread if opts.report is set).
+ * @return 0, also when the copy already exceeds the bounds (the cache is
+ *         then CACHE_DEGRADED, and reported); COALESCE_EINVAL (NULL @p c);
+ *         COALESCE_EBUSY (already started, degraded included);
+ *         COALESCE_ENOMEM (also: no thread); the store's codes from range
+ *         and watch (COALESCE_ECOMPACTED if its history kept being compacted
+ *         under the listing). On an error the cache stays stopped and can
+ *         be started again.
+ * Thread safety: yes (concurrent starts and stops are serialized); not from
+ * a report callback. @since 0.2
  */
 COALESCE_API int cache_start(cache_t *c);
 
 /**
  * @brief Stop: cancel the watch and wait for it, then drop the copy. Reads
  *        return COALESCE_ENOTSTARTED until the next cache_start(). No report
- *        callback runs after it returns. Not from a report callback.
+ *        callback runs after it returns (the queued ones run first). A
+ *        stopped cache or NULL is a no-op.
+ *
+ * May block for as long as the store request the supervising thread is in
+ * (a resume or a relist page), since it waits for that thread.
+ * Thread safety: yes (serialized with cache_start()); not from a report
+ * callback. @since 0.2
  */
 COALESCE_API void cache_stop(cache_t *c);
 
-/** @brief Stop and free (NULL is a no-op). */
+/**
+ * @brief Stop (as cache_stop()) and free. NULL is a no-op.
+ *
+ * Values taken with cache_get() or in a scan stay valid until released.
+ * Thread safety: no other call on the cache may overlap or follow it; not
+ * from a report or scan callback. @since 0.2
+ */
 COALESCE_API void cache_free(cache_t *c);
 
 /**
- * @brief Read one key from memory.
+ * @brief Read one key from memory; never waits for the store.
+ * @param[in] key Borrowed.
  * @param[out] value New reference (release with coalesce_buf_unref());
- *             may be NULL. The bytes never change.
- * @param[out] meta May be NULL.
- * @return 0; COALESCE_ENOENT; COALESCE_EINVAL (outside the prefix, NULL
- *         arguments); COALESCE_ENOTSTARTED; COALESCE_EOVERFLOW (degraded).
+ *             may be NULL. The bytes never change. Set only on 0.
+ * @param[out] meta May be NULL. Set only on 0.
+ * @return 0; COALESCE_ENOENT (absent or deleted); COALESCE_EINVAL (NULL
+ *         @p c or @p key, a key outside the prefix or over 1 MiB);
+ *         COALESCE_ENOTSTARTED; COALESCE_EOVERFLOW (degraded). While the
+ *         watch reconnects or relists, the copy still serves reads.
+ * Thread safety: yes. @since 0.2
  */
 COALESCE_API int cache_get(cache_t *c,
                            const void *key,
@@ -204,11 +269,16 @@ COALESCE_API int cache_get(cache_t *c,
 
 /**
  * @brief Visit every key starting with @p prefix, in byte order, from one
- *        consistent snapshot; @p cb runs with no lock held.
- * @param[in] prefix Must start with the cache's prefix (or be a prefix of
- *            it: the whole cache).
- * @return 0 (also when @p cb stopped it); the codes of cache_get();
- *         COALESCE_ENOMEM.
+ *        consistent snapshot; @p cb runs with no lock held, on this thread.
+ * @param[in] prefix Borrowed. Must start with the cache's prefix (or be a
+ *            prefix of it, even empty: the whole cache).
+ * @param[in] cb Not NULL. @param[in] data Passed to @p cb; borrowed.
+ * @return 0 (also when @p cb stopped it, or nothing matched);
+ *         COALESCE_EINVAL (NULL @p c or @p cb, NULL @p prefix with @p len >
+ *         0, a prefix outside the cache's); COALESCE_ENOTSTARTED;
+ *         COALESCE_EOVERFLOW (degraded); COALESCE_ENOMEM (then @p cb was not
+ *         called).
+ * Thread safety: yes. @since 0.2
  */
 COALESCE_API int cache_scan(
     cache_t *c, const void *prefix, size_t len, cache_scan_cb cb, void *data);
@@ -218,9 +288,18 @@ COALESCE_API int cache_scan(
  * accepted it (if memory runs out while applying an accepted write, the
  * write stands and the key reaches memory with the watch's echo). @p rev (may
  * be NULL) receives the store's revision: the commit revision on success, the
- * current one after a failed compare. Common codes: COALESCE_EINVAL (key
- * outside the prefix, before the store is contacted), COALESCE_ENOTSTARTED, the
- * store's codes.
+ * current one after a failed compare; it is untouched after any other error.
+ * Keys, values and options are borrowed for the call. A write blocks until
+ * the store has answered (the etcd store: request_timeout_ms), and works in
+ * every started state, degraded included. Thread safety: yes.
+ *
+ * Common codes: COALESCE_EINVAL (NULL @p c, a key outside the prefix or over
+ * 1 MiB, NULL value with a length, negative ttl_ms or lease: checked before
+ * the store is contacted), COALESCE_ENOTSTARTED, COALESCE_ENOMEM, the
+ * store's codes (store.h; with opts->ttl_ms, also those of its lease grant).
+ * A write that fails with COALESCE_EIO or COALESCE_ETIMEDOUT on the etcd
+ * store may have been applied: the watch brings the outcome. @since 0.2 for
+ * all of them.
  */
 
 /** @brief Put unconditionally. */
@@ -244,7 +323,9 @@ COALESCE_API int cache_create(cache_t *c,
 /**
  * @brief Put if the key's mod revision is @p expect (as read from
  *        cache_get()); COALESCE_ECONFLICT otherwise. Across a delete and
- *        a re-create the mod revision differs, so no ABA.
+ *        a re-create the mod revision differs, so no ABA. An @p expect of 0
+ *        requires the key to be absent (as cache_create(), but failing with
+ *        COALESCE_ECONFLICT).
  */
 COALESCE_API int cache_update(cache_t *c,
                               const void *key,
@@ -264,8 +345,10 @@ COALESCE_API int cache_delete(
 COALESCE_API int cache_delete_value(
     cache_t *c, const void *key, size_t keylen, int64_t expect, int64_t *rev);
 
-/** @brief Delete every key starting with @p prefix (exactly those bytes).
- *         No older put of any such key can appear in memory afterwards. */
+/** @brief Delete every key starting with @p prefix (exactly those bytes; it
+ *         must start with the cache's prefix). No older put of any such key
+ *         can appear in memory afterwards. *deleted (may be NULL) counts the
+ *         keys deleted. */
 COALESCE_API int cache_delete_prefix(
     cache_t *c, const void *prefix, size_t len, int64_t *deleted, int64_t *rev);
 
@@ -273,25 +356,33 @@ COALESCE_API int cache_delete_prefix(
  * @brief Several operations as one store transaction: all or nothing, and
  *        readers see all their effects at once.
  * @return 0; COALESCE_ECONFLICT (a CREATE, UPDATE or DELETE_VALUE
- *         condition failed: nothing changed); COALESCE_EINVAL (no ops, more
- *         than CACHE_TXN_MAX_OPS, a key twice or inside a DELETE_PREFIX of
- *         the same txn, a key outside the prefix: checked before the store
- *         is contacted); the store's codes.
+ *         condition failed: nothing changed; not COALESCE_EEXIST, even for
+ *         a CREATE); COALESCE_EINVAL (NULL @p ops, no ops, more than
+ *         CACHE_TXN_MAX_OPS, an unknown type, a key twice or inside a
+ *         DELETE_PREFIX of the same txn, and the common cases above:
+ *         checked before the store is contacted); the common codes.
  */
 COALESCE_API int
 cache_txn(cache_t *c, const cache_txn_op_t *ops, size_t n, int64_t *rev);
 
 /**
- * @brief Wait until the cache has applied everything up to @p rev.
- * @param timeout_ms < 0: no limit; 0: just check.
- * @return 0; COALESCE_ETIMEDOUT; COALESCE_ENOTSTARTED.
+ * @brief Wait until the cache has applied everything up to @p rev (W >=
+ *        @p rev), for instance a revision a write on another process
+ *        returned.
+ * @param timeout_ms < 0: no limit; 0: just check; > 0: at most that long.
+ * @return 0; COALESCE_ETIMEDOUT; COALESCE_ENOTSTARTED (also when the cache
+ *         is stopped during the wait); COALESCE_EINVAL (NULL @p c). W still
+ *         rises while degraded.
+ * Thread safety: yes. @since 0.2
  */
 COALESCE_API int cache_wait_fresh(cache_t *c, int64_t rev, int timeout_ms);
 
 /**
  * @brief Read the state and counters.
  * @param[out] out Filled with min(@p size, sizeof(cache_health_t)) bytes.
- * @return 0; COALESCE_EINVAL.
+ * @param[in] size sizeof(*out) as the caller compiled it.
+ * @return 0; COALESCE_EINVAL (NULL @p c or @p out).
+ * Thread safety: yes. @since 0.2
  */
 COALESCE_API int cache_health(cache_t *c, cache_health_t *out, size_t size);
 

@@ -47,6 +47,24 @@ extern "C" {
  * The error list: XX(NAME, value, message). One list generates the constants,
  * coalesce_strerror() and coalesce_err_name(), so they cannot drift apart.
  * New codes are only ever appended; a number is never reused.
+ *
+ * Where the library's own codes come from (each function lists its codes):
+ *  - EOF: a flight reader reached the clean end of the stream.
+ *  - ELAGGED, EMISMATCH: flights (FLIGHT_ELAGGED, FLIGHT_EMISMATCH in
+ *    flight.h).
+ *  - EUPSTREAM: a flight's writer was released, or its fetch callback
+ *    returned, without ending the stream.
+ *  - ECLOSING: the flight group or the libuv adapter is closing.
+ *  - ERANGE: flights: a byte range past the object's end (FLIGHT_ERANGE,
+ *    HTTP 416).
+ *  - ECOMPACTED: stores and caches: a revision that was compacted or is in
+ *    the future (before 0.5 stores returned ERANGE; caches accept both).
+ *  - ECONFLICT, ENOTSTARTED, EOVERFLOW: caches (cache.h).
+ *  - EDELETED: reserved; nothing returns it yet.
+ *  - EBACKEND, EDECODE: stores (store.h, etcd.h).
+ *  - EACCES: the etcd store (credentials, certificates).
+ * ERANGE and EOVERFLOW are library codes despite their POSIX names:
+ * COALESCE_ERANGE is not -ERANGE, COALESCE_EOVERFLOW is not -EOVERFLOW.
  */
 #define COALESCE_ERRNO_MAP(XX)                                                 \
     XX(ENOENT, -2, "no such entry")                                            \
@@ -71,6 +89,7 @@ extern "C" {
     XX(ENOTSTARTED, -9009, "cache is not running")                             \
     XX(EDECODE, -9010, "store returned data it could not decode")              \
     XX(EOVERFLOW, -9011, "cache bounds exceeded")                              \
+    XX(ECOMPACTED, -9012, "revision compacted or not yet reached")             \
     XX(EACCES, -13, "permission denied")
 
 /** Error codes. */
@@ -104,19 +123,23 @@ COALESCE_API const char *coalesce_err_name(int err);
  *
  * Compare (coalesce_version() >> 16) with COALESCE_VERSION_MAJOR at start-up
  * to catch a header/library mismatch without refusing newer minor releases.
+ * @return (major << 16) | (minor << 8) | patch of the library that runs.
  * Thread safety: yes.
  * @since 0.1
  */
 COALESCE_API unsigned coalesce_version(void);
 
 /**
- * @brief The library's version string ("0.1.0").
- * @return A static string.
+ * @brief The library's version string, COALESCE_VERSION_STRING of the build
+ *        ("0.5.0").
+ * @return A static string, never NULL.
  * Thread safety: yes.
  * @since 0.1
  */
 COALESCE_API const char *coalesce_version_string(void);
 
+/* The allocator's functions (see coalesce_replace_allocator()): the library
+ * never asks for 0 bytes, and checks calloc's multiplication itself. */
 typedef void *(*coalesce_malloc_fn)(size_t size);
 typedef void *(*coalesce_realloc_fn)(void *ptr, size_t size);
 typedef void *(*coalesce_calloc_fn)(size_t count, size_t size);
@@ -126,9 +149,11 @@ typedef void (*coalesce_free_fn)(void *ptr);
  * @brief Replace the allocator used for every allocation the library makes.
  *
  * The functions must behave like their C library namesakes and be
- * thread-safe. This is the one piece of process-wide state in the library;
- * it exists so that hosts can use their own allocator and tests can inject
- * allocation failures.
+ * thread-safe: they are called from every thread that calls the library and
+ * from its own threads (cache and store threads). This is the one piece of
+ * process-wide state in the library; it exists so that hosts can use their
+ * own allocator and tests can inject allocation failures. libcoalesce-etcd
+ * does not use it (etcd.h).
  *
  * @param[in] malloc_fn,realloc_fn,calloc_fn,free_fn Borrowed function
  *            pointers; none may be NULL.

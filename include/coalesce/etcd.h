@@ -23,11 +23,11 @@
  * stream, or anything undecodable ends the watch with a canceling response
  * (COALESCE_EIO or COALESCE_EDECODE); the cache then resumes from the last
  * revision it applied + 1, trying the endpoints in turn, with backoff
- * (cache_opts_t). A compacted start revision cancels with COALESCE_ERANGE
+ * (cache_opts_t). A compacted start revision cancels with COALESCE_ECOMPACTED
  * and the compact revision, and the cache relists.
  *
  * Errors are mapped from etcd's gRPC code, never from the HTTP status:
- * InvalidArgument → COALESCE_EINVAL, OutOfRange → COALESCE_ERANGE,
+ * InvalidArgument → COALESCE_EINVAL, OutOfRange → COALESCE_ECOMPACTED,
  * NotFound → COALESCE_ENOENT, PermissionDenied and failed authentication →
  * COALESCE_EACCES, Unavailable → COALESCE_EIO, DeadlineExceeded →
  * COALESCE_ETIMEDOUT, Canceled → COALESCE_ECANCELED, Unimplemented →
@@ -85,6 +85,7 @@ typedef struct cache_etcd_opts {
     const char *ca_file;
     const char *cert_file;
     const char *key_file;
+    /** Timeouts: 0 for the default, never negative. */
     int connect_timeout_ms; /**< Per endpoint (default 1000). */
     int request_timeout_ms; /**< One unary request (default 10000). */
     /** A watch that receives nothing, not even a progress notification,
@@ -92,21 +93,25 @@ typedef struct cache_etcd_opts {
      *  server's progress interval; 0 (default): never. TCP keepalive
      *  detects dead peers either way. */
     int watch_idle_ms;
-    /** Idle connections kept for reuse (default 4). */
+    /** Idle connections kept for reuse (default 4, at most 1024). */
     unsigned max_idle_conns;
 } cache_etcd_opts_t;
 
-/** @brief Fill the defaults. @since 0.3 */
+/** @brief Fill the defaults and set o->size; NULL is a no-op. @since 0.3 */
 COALESCE_ETCD_API void cache_etcd_opts_init(cache_etcd_opts_t *o);
 
 /**
  * @brief Create an etcd store. Contacts no server: a store can be created
  *        while etcd is down, and the first request says what is wrong.
- * @param[out] out New store, freed with cache_store_free().
- * @param[in] opts Borrowed; endpoints required.
- * @return 0; COALESCE_EINVAL (no endpoint, an endpoint that is not
- *         http:// or https://, a password without a username, a bad
- *         opts->size); COALESCE_ENOMEM.
+ * @param[out] out New store, freed with cache_store_free(); set to NULL on
+ *             failure (unless @p out itself is NULL).
+ * @param[in] opts Borrowed, not NULL (its strings are copied); endpoints
+ *            required.
+ * @return 0; COALESCE_EINVAL (NULL @p out or @p opts, no endpoint, more than
+ *         16, one longer than 900 bytes or not http:// or https://, a
+ *         password without a username, a negative timeout, max_idle_conns
+ *         over 1024, a bad opts->size); COALESCE_ENOMEM (also: libcurl's
+ *         global initialisation failed).
  * @since 0.3
  */
 COALESCE_ETCD_API int cache_etcd_new(cache_store_t **out,
@@ -117,6 +122,12 @@ COALESCE_ETCD_API int cache_etcd_new(cache_store_t **out,
  *        on an etcd store: etcd's own message ("etcdserver: authentication
  *        failed, invalid user ID or password"), libcurl's, or what could
  *        not be decoded. "" if none.
+ *
+ * Read it right after the failing call: a success on an etcd store clears
+ * it, but a call that fails before reaching the store (a cache's own
+ * argument checks, COALESCE_ENOTSTARTED...) leaves an older message. Failures
+ * on the cache's and the store's own threads (watch resumes) keep their
+ * messages there: the report callback cannot read them.
  * @return Borrowed, thread-local; valid until the thread's next call.
  * @since 0.3
  */
@@ -124,16 +135,20 @@ COALESCE_ETCD_API const char *cache_etcd_last_error(void);
 
 /**
  * @brief The cluster's current revision.
+ * @param[out] rev Set on 0; not NULL.
  * @return 0; the store's codes (see above); COALESCE_EINVAL if @p s is
- *         not an etcd store.
+ *         NULL or not an etcd store, or @p rev is NULL.
+ * @since 0.3
  */
 COALESCE_ETCD_API int cache_etcd_revision(cache_store_t *s, int64_t *rev);
 
 /**
  * @brief Compact the cluster's history up to @p rev (reads and watches
- *        from before it then fail with COALESCE_ERANGE).
- * @return 0; COALESCE_ERANGE (already compacted there, or a future
- *         revision); the store's codes.
+ *        from before it then fail with COALESCE_ECOMPACTED).
+ * @return 0; COALESCE_ECOMPACTED (already compacted there, or a future
+ *         revision); COALESCE_EINVAL (@p rev <= 0, @p s NULL or not an etcd
+ *         store); the store's codes.
+ * @since 0.3
  */
 COALESCE_ETCD_API int cache_etcd_compact(cache_store_t *s, int64_t rev);
 
@@ -144,7 +159,9 @@ COALESCE_ETCD_API int cache_etcd_compact(cache_store_t *s, int64_t rev);
  * @param[out] ttl_ms Remaining time to live after the renewal (may be
  *             NULL); etcd counts whole seconds, rounded down.
  * @return 0; COALESCE_ENOENT (the lease expired or never existed: its keys
- *         are gone); the store's codes.
+ *         are gone); COALESCE_EINVAL (@p s NULL or not an etcd store); the
+ *         store's codes.
+ * @since 0.3
  */
 COALESCE_ETCD_API int
 cache_etcd_lease_keepalive(cache_store_t *s, int64_t id, int64_t *ttl_ms);
@@ -152,8 +169,10 @@ cache_etcd_lease_keepalive(cache_store_t *s, int64_t id, int64_t *ttl_ms);
 /**
  * @brief A lease's remaining time to live, in whole seconds (rounded down
  *        by etcd) times 1000.
- * @return 0; COALESCE_ENOENT (expired, revoked or unknown); the store's
- *         codes.
+ * @param[out] ttl_ms Set on 0; may be NULL (an existence check).
+ * @return 0; COALESCE_ENOENT (expired, revoked or unknown); COALESCE_EINVAL
+ *         (@p s NULL or not an etcd store); the store's codes.
+ * @since 0.3
  */
 COALESCE_ETCD_API int
 cache_etcd_lease_ttl(cache_store_t *s, int64_t id, int64_t *ttl_ms);

@@ -26,8 +26,9 @@
  *    and the next caller starts a new flight. The group is not a cache.
  *  - The end status reaches every reader exactly once, after every byte that
  *    was written before it: once a reader has returned its end status
- *    (COALESCE_EOF or an error), it returns the same status again on every
- *    later call and never any further bytes.
+ *    (COALESCE_EOF or an error), every later read or peek returns the same
+ *    status and never any further bytes (flight_meta() keeps returning 0
+ *    once the meta was known).
  *  - Nobody hangs: a fetch callback that fails, or a writer released without
  *    flight_end(), ends the flight with an error for every reader.
  *  - No artificial delay: a leader without waiters pays for a hash lookup and
@@ -66,7 +67,10 @@
  * short, a full body for a partial request, another validator or size)
  * fails the affected readers with FLIGHT_EMISMATCH, and so does a body that
  * ends early: a range reader never delivers misaligned or silently short
- * bytes. Range and object flights of the same key are separate.
+ * bytes. A reader whose bytes go past the last one its fetch replied gets
+ * FLIGHT_EMISMATCH once that fetch has written all it reported, whatever
+ * the fetch ends with later (an error, or a writer released unended). Range and
+ * object flights of the same key are separate.
  *
  * Lifecycle
  *   flight_group_new() -> flight_do() from any threads -> readers read and
@@ -95,7 +99,8 @@ typedef struct flight_writer flight_writer_t;
 #define FLIGHT_ELAGGED COALESCE_ELAGGED
 /** A waiter's deadline (wait_timeout_ms) passed before the meta arrived. */
 #define FLIGHT_ETIMEDOUT COALESCE_ETIMEDOUT
-/** Every reader has gone and the group's orphan policy is CANCEL. */
+/** Every reader has gone and the group's orphan policy is CANCEL: what the
+ *  writer's calls return (no reader is left to see it). */
 #define FLIGHT_ECANCELED COALESCE_ECANCELED
 /** A range starts at or after the end of the object (HTTP 416). */
 #define FLIGHT_ERANGE COALESCE_ERANGE
@@ -147,6 +152,10 @@ typedef enum flight_orphan_policy {
  *         reader, and the writer is released. FLIGHT_FETCH_DONE without
  *         flight_end() ends it with COALESCE_EUPSTREAM; any other positive
  *         value with COALESCE_EINVAL.
+ *
+ * It may call any library function. flight_do() for the same key joins this
+ * very flight: that reader must not be read with a wait from here, since
+ * nobody else writes.
  */
 typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
 
@@ -159,6 +168,8 @@ typedef int (*flight_fetch_cb)(flight_writer_t *w, void *data);
  * "bytes=first-"). Before any body byte the callback (or whoever holds the
  * writer) must call flight_set_range() with what upstream returned. The body
  * is the bytes of that range, in order; flight_end(w, 0) after the last one.
+ * Runs on the caller's thread, inside flight_do_range(), with no library
+ * lock held. @return As flight_fetch_cb.
  */
 typedef int (*flight_range_fetch_cb)(flight_writer_t *w,
                                      uint64_t first,
@@ -169,14 +180,16 @@ typedef int (*flight_range_fetch_cb)(flight_writer_t *w,
  * @brief One-shot readiness notification, armed by flight_reader_notify().
  *
  * Runs on whichever thread made the reader ready (usually the writer's), with
- * no library lock held, never inside a call on @p r itself. It must not
- * block: signal the reader's owner (uv_async_send(), a condition variable,
- * an eventfd) and return. The only reader function it may call on @p r is
- * flight_reader_close(), and only if the reader's owner is not using it at
- * that moment (typically: the owner is this thread). When more
- * than 64 readers of one flight are armed at once, a reader that re-arms
- * quickly may get a spurious notification: read, and re-arm if nothing was
- * there.
+ * no library lock held, never inside a call on @p r itself. That can be
+ * inside that thread's call on another object (flight_write(), flight_end(),
+ * flight_writer_release(), a read or flight_reader_close() of another
+ * reader...), so it must not block nor take a lock the thread may hold
+ * around such calls: signal the reader's owner (uv_async_send(), a condition
+ * variable, an eventfd) and return. The only reader function it may call on
+ * @p r is flight_reader_close(), and only if the reader's owner is not using
+ * it at that moment (typically: the owner is this thread). When more than 64
+ * readers of one flight are armed at once, a reader that re-arms quickly may
+ * get a spurious notification: read, and re-arm if nothing was there.
  */
 typedef void (*flight_notify_cb)(flight_reader_t *r, void *data);
 
@@ -245,7 +258,7 @@ typedef struct flight_stats {
 } flight_stats_t;
 
 /**
- * @brief Fill @p opts with the defaults and set opts->size.
+ * @brief Fill @p opts with the defaults and set opts->size. NULL is a no-op.
  * Thread safety: yes. @since 0.1
  */
 COALESCE_API void flight_opts_init(flight_opts_t *opts);
@@ -278,9 +291,17 @@ COALESCE_API int flight_group_new(flight_group_t **out,
  */
 COALESCE_API void flight_group_close(flight_group_t *g);
 
-/** @brief Attach a user pointer (never read by the library). @since 0.1 */
+/**
+ * @brief Attach a user pointer (never read by the library). NULL @p g is a
+ *        no-op.
+ * Thread safety: a plain store, not synchronised with
+ * flight_group_get_data(): set it before the group is shared. @since 0.1
+ */
 COALESCE_API void flight_group_set_data(flight_group_t *g, void *data);
-/** @brief The user pointer, or NULL. Thread safety: yes. @since 0.1 */
+/**
+ * @brief The user pointer, or NULL (also for a NULL group).
+ * Thread safety: yes, once set_data is no longer called. @since 0.1
+ */
 COALESCE_API void *flight_group_get_data(const flight_group_t *g);
 
 /**
@@ -303,7 +324,7 @@ flight_group_stats(flight_group_t *g, flight_stats_t *out, size_t size);
  * caller gets a reader positioned at byte 0. A failing fetch is reported
  * through the readers (leader's included), not through this return value.
  *
- * @param[in] g The group.
+ * @param[in] g The group (borrowed).
  * @param[in] key Copied; 1 byte to 1 MiB of arbitrary bytes.
  * @param[in] fetch Called only if this caller leads; not NULL.
  * @param[in] data Passed to @p fetch; borrowed.
@@ -347,7 +368,10 @@ COALESCE_API int flight_do(flight_group_t *g,
  *         as a fetch still in flight reported it; otherwise the reader
  *         returns it once known); COALESCE_EINVAL (NULL argument, bad key
  *         length, @p last < @p first, offsets out of range);
- *         COALESCE_ECLOSING; COALESCE_ENOMEM.
+ *         COALESCE_ECLOSING (group closed); COALESCE_ENOMEM.
+ * Callback: on an error return @p fetch was not called. A run found to lie
+ * past the object's end while the call lingered is not fetched (its readers
+ * get FLIGHT_ERANGE).
  * Thread safety: yes. @since 0.2
  */
 COALESCE_API int flight_do_range(flight_group_t *g,
@@ -397,9 +421,10 @@ flight_set_meta(flight_writer_t *w, const void *meta, size_t len);
  * @return 0: write the body, last - first + 1 bytes, then flight_end(w, 0).
  *         FLIGHT_EMISMATCH or FLIGHT_ERANGE: the fetch has ended with that
  *         code for the readers that needed it; stop (release the writer).
- *         COALESCE_EINVAL (not a range writer, already reported, body or end
- *         already there, @p last < @p first, offsets or @p total past
- *         2^63); FLIGHT_ECANCELED;
+ *         COALESCE_EINVAL (NULL writer, not a range writer, already
+ *         reported, body or end already there, @p last < @p first, only one
+ *         of @p first and @p last FLIGHT_RANGE_END, offsets or @p total past
+ *         2^63, NULL @p validator with @p vlen > 0); FLIGHT_ECANCELED;
  *         COALESCE_ENOMEM (nothing changed).
  * Thread safety: writer's owner thread. @since 0.2
  */
@@ -412,8 +437,9 @@ COALESCE_API int flight_set_range(flight_writer_t *w,
 
 /**
  * @brief Append body bytes, copying them. Never waits for readers.
- * @param[in] data Copied.
- * @return 0 (a 0-byte write is a no-op); COALESCE_EINVAL (NULL arguments,
+ * @param[in] data Copied; may be NULL when @p len is 0.
+ * @return 0 (a 0-byte write appends nothing, but returns the codes below
+ *         for an ended or canceled writer); COALESCE_EINVAL (NULL arguments,
  *         stream ended; range writer before flight_set_range());
  *         FLIGHT_ECANCELED (orphaned, CANCEL policy); FLIGHT_EMISMATCH
  *         (range writer: more bytes than reported; the fetch has ended);
@@ -428,7 +454,7 @@ COALESCE_API int flight_write(flight_writer_t *w, const void *data, size_t len);
  * On success the buffer becomes published (immutable) and the flight takes
  * its own reference; the caller keeps its reference and must still drop it.
  * On failure the buffer is untouched.
- * @param[in] buf Borrowed (the library takes a reference).
+ * @param[in] buf Borrowed (the library takes a reference); not NULL.
  * @return As flight_write(); COALESCE_EINVAL also if the slice is outside
  *         the buffer.
  * Thread safety: writer's owner thread. @since 0.1
@@ -460,8 +486,9 @@ COALESCE_API int flight_end(flight_writer_t *w, int status);
 
 /**
  * @brief Number of readers still attached to the writer's flight: open and
- *        not detached (0: nobody is receiving any more). For a range writer:
- *        range readers still waiting for bytes of its fetch.
+ *        not detached (0: nobody is receiving any more, or a NULL writer).
+ *        For a range writer: range readers still waiting for bytes of its
+ *        fetch.
  * Thread safety: writer's owner thread. @since 0.1
  */
 COALESCE_API unsigned flight_writer_readers(flight_writer_t *w);
@@ -471,7 +498,8 @@ COALESCE_API unsigned flight_writer_readers(flight_writer_t *w);
  *
  * If the stream was not ended, it ends with COALESCE_EUPSTREAM for every
  * reader: a forgotten writer never leaves anyone hanging. @p w must not be
- * used afterwards. NULL is a no-op.
+ * used afterwards. NULL is a no-op. A fetch callback may also release its
+ * writer itself, before returning either result.
  * Thread safety: writer's owner thread. @since 0.1
  */
 COALESCE_API void flight_writer_release(flight_writer_t *w);
@@ -493,7 +521,10 @@ COALESCE_API void flight_writer_release(flight_writer_t *w);
  * the point to call flight_reader_range() and build a response. Their
  * offset counts bytes delivered from their first byte. Lag is counted
  * across chunks: a range reader more than max_lag bytes behind the newest
- * write it will read is detached with FLIGHT_ELAGGED.
+ * write it will read is detached with FLIGHT_ELAGGED (a write past its last
+ * byte does not count). The leader exemption above holds for range
+ * flights too: a caller whose fetch callback is running on its thread is
+ * not detached for what that callback wrote.
  */
 
 /**
@@ -502,8 +533,11 @@ COALESCE_API void flight_writer_release(flight_writer_t *w);
  *             writer set none. May be NULL if not wanted.
  * @param[out] len Its length; may be NULL.
  * @return 0; COALESCE_EAGAIN (timeout); the flight's error if it ended with
- *         one before the meta stage; FLIGHT_ETIMEDOUT; FLIGHT_ELAGGED;
- *         COALESCE_EINVAL for a NULL reader.
+ *         one before the meta stage (a range reader: the error of the fetch
+ *         serving its first byte); FLIGHT_ETIMEDOUT; range readers only:
+ *         FLIGHT_ERANGE and FLIGHT_ELAGGED; COALESCE_EINVAL for a NULL
+ *         reader. Errors after the meta stage (the end, a detach) show in
+ *         reads, not here.
  * Thread safety: reader's owner thread. @since 0.1
  */
 COALESCE_API int
@@ -511,10 +545,15 @@ flight_meta(flight_reader_t *r, int timeout_ms, const void **meta, size_t *len);
 
 /**
  * @brief Copy up to @p cap bytes from the reader's position.
+ * @param[out] buf At least @p cap bytes; borrowed.
  * @param[out] nread Bytes copied (> 0 when 0 is returned).
- * @return 0; COALESCE_EOF at the clean end; the flight's error status;
- *         FLIGHT_ELAGGED; FLIGHT_ETIMEDOUT; COALESCE_EAGAIN (timeout);
- *         COALESCE_EINVAL (NULL argument, @p cap 0).
+ * @return 0; COALESCE_EOF at the clean end; the flight's error status
+ *         (what the writer ended it with, translated as flight_end() says;
+ *         COALESCE_EUPSTREAM for a writer that never ended it; for range
+ *         readers also FLIGHT_EMISMATCH and FLIGHT_ERANGE); FLIGHT_ELAGGED;
+ *         FLIGHT_ETIMEDOUT; COALESCE_EAGAIN (timeout); COALESCE_EINVAL
+ *         (NULL argument, @p cap 0). Bytes copied before a detach are
+ *         returned first (0); the status comes with the next call.
  * Thread safety: reader's owner thread. @since 0.1
  */
 COALESCE_API int flight_read(
@@ -528,7 +567,8 @@ COALESCE_API int flight_read(
  * @param[out] data Borrowed, valid until the next consume, read or close on
  *             this reader; take a reference on @p owner to keep it longer.
  * @param[out] len Bytes at @p data (> 0 when 0 is returned).
- * @param[out] owner The buffer holding them (borrowed); may be NULL.
+ * @param[out] owner The buffer holding them (borrowed); pass NULL if not
+ *             wanted. @p data and @p len must not be NULL.
  * @return As flight_read().
  * Thread safety: reader's owner thread. @since 0.1
  */
@@ -540,7 +580,8 @@ COALESCE_API int flight_peek(flight_reader_t *r,
 
 /**
  * @brief Advance past @p n bytes returned by the last flight_peek().
- * @return 0; COALESCE_EINVAL if @p n is more than that peek returned;
+ * @return 0; COALESCE_EINVAL (NULL reader, or @p n more than that peek
+ *         returned and not yet consumed);
  *         the reader's terminal status if it was detached meanwhile (the
  *         peeked bytes stay valid until the next call).
  * Thread safety: reader's owner thread. @since 0.1
@@ -565,7 +606,8 @@ flight_reader_notify(flight_reader_t *r, flight_notify_cb cb, void *data);
 /**
  * @brief Milliseconds left before the waiter's deadline, for hosts that arm
  *        their own timer; -1 when there is no pending deadline (none set,
- *        leader, or meta already known). Checking happens in reader calls.
+ *        leader, meta already known, reader ended, or NULL); 0 once it has
+ *        passed. Checking happens in reader calls.
  * Thread safety: reader's owner thread. @since 0.1
  */
 COALESCE_API int64_t flight_reader_deadline_ms(flight_reader_t *r);
@@ -584,11 +626,13 @@ COALESCE_API uint64_t flight_reader_offset(const flight_reader_t *r);
  *             FLIGHT_RANGE_END while an open range's end is unknown. May be
  *             NULL.
  * @param[out] total Object size, or FLIGHT_SIZE_UNKNOWN. May be NULL.
- * @return 0; COALESCE_EAGAIN before the fetch serving the first byte has
- *         reported its range (call after flight_meta()); FLIGHT_ERANGE when
- *         the range starts past the end (*total is set then); COALESCE_EINVAL
- * (NULL reader, or an object flight's reader). Thread safety: reader's owner
- * thread. @since 0.2
+ * @return 0; COALESCE_EAGAIN until the fetch serving the first byte has
+ *         reported its range, or another fetch of the object its size
+ *         (call after flight_meta()); FLIGHT_ERANGE when
+ *         the range starts past the end (*total is set then); that fetch's
+ *         error if it failed before reporting; COALESCE_EINVAL (NULL
+ *         reader, or an object flight's reader).
+ * Thread safety: reader's owner thread. @since 0.2
  */
 COALESCE_API int flight_reader_range(flight_reader_t *r,
                                      uint64_t *first,

@@ -69,7 +69,7 @@ typedef struct cache_event {
  *  - progress: n == 0 and no error: nothing changed in the range up to
  *    @c revision.
  *  - canceled: @c error < 0 and the watch is over (no further callback).
- *    COALESCE_ERANGE with @c compact_revision: the start revision was
+ *    COALESCE_ECOMPACTED with @c compact_revision: the start revision was
  *    compacted. COALESCE_EIO: the connection broke. COALESCE_EDECODE: the
  *    store could not decode what it received.
  */
@@ -81,10 +81,13 @@ typedef struct cache_watch_resp {
     int64_t compact_revision;
 } cache_watch_resp_t;
 
-/** Receives watch responses on the store's thread. Must not block long. */
+/** Receives watch responses on the watch's own store thread, one at a time,
+ *  with no store lock held. Must not block long (the store's stream waits)
+ *  and must not cancel its own watch. @p data is the watch op's. */
 typedef void (*cache_watch_cb)(void *data, const cache_watch_resp_t *resp);
 
-/** Receives one key of a range, borrowed; nonzero stops the range. */
+/** Receives one key of a range, borrowed for the call, on the thread that
+ *  called range, with no store lock held; nonzero stops the range. */
 typedef int (*cache_kv_cb)(void *data, const cache_kv_t *kv);
 
 /** Compare targets and results (etcd's). */
@@ -139,20 +142,27 @@ typedef struct cache_op_result {
 
 /**
  * The ops a store provides. Every op returns 0 or a negative code:
- * COALESCE_EINVAL (bad request: duplicate keys in a txn, a put overlapping
- * a delete range, more than CACHE_TXN_MAX_OPS operations),
- * COALESCE_ERANGE (the revision asked for was compacted, or is in the
- * future), COALESCE_ENOENT (unknown lease), COALESCE_EIO (unreachable),
- * COALESCE_EBACKEND (any other store failure), COALESCE_ENOMEM.
+ * COALESCE_EINVAL (bad request: NULL pointers with lengths, duplicate keys
+ * in a txn, a put overlapping a delete range, more than CACHE_TXN_MAX_OPS
+ * operations), COALESCE_ECOMPACTED (the revision asked for was compacted, or is
+ * in the future), COALESCE_ENOENT (unknown lease), COALESCE_EIO
+ * (unreachable), COALESCE_EBACKEND (any other store failure),
+ * COALESCE_ENOMEM. The etcd store adds COALESCE_ETIMEDOUT, COALESCE_EACCES,
+ * COALESCE_ECANCELED, COALESCE_ENOTSUP and COALESCE_EDECODE (etcd.h).
+ * Pointers passed to an op are borrowed for the call; out-parameters not
+ * marked "may be NULL" are required.
  */
 typedef struct cache_store_ops {
-    unsigned version; /**< CACHE_STORE_OPS_VERSION. */
+    unsigned version; /**< CACHE_STORE_OPS_VERSION. cache_new() refuses
+                           0; a later version (more methods appended)
+                           is accepted, and only these methods are called. */
     /** Keys in [key, end) at revision @p rev (0: the latest) in byte
      *  order, at most @p limit (0: all), each passed to @p cb. An empty
      *  end means "key only"; an end of one 0 byte means "no upper bound"
      *  (etcd's convention, for prefixes of 0xff bytes). Sets *header_rev
      *  to the revision read and *more to 1 if keys were left out by the
-     *  limit. The same end conventions hold for deletes and watches. */
+     *  limit (both may be NULL). @p cb is not NULL. The same end
+     *  conventions hold for deletes and watches. */
     int (*range)(cache_store_t *s,
                  const void *key,
                  size_t keylen,
@@ -176,8 +186,12 @@ typedef struct cache_store_ops {
                int *succeeded,
                int64_t *rev,
                cache_op_result_t *results);
-    /** Watch [key, end) from @p start_rev; responses go to @p cb on a
-     *  store thread until cancel or a canceling response. */
+    /** Watch [key, end) from @p start_rev (0: from the next revision);
+     *  responses go to @p cb on a store thread until cancel or a canceling
+     *  response. A compacted start revision is no error of this call: the
+     *  watch starts and is canceled with COALESCE_ECOMPACTED. *out is the new
+     *  watch, to be canceled (even after a canceling response: canceling
+     *  frees it). */
     int (*watch)(cache_store_t *s,
                  const void *key,
                  size_t keylen,
@@ -190,12 +204,14 @@ typedef struct cache_store_ops {
     /** Stop a watch; returns once no callback runs or will run. Not from
      *  the watch's own callback. Frees the watch. */
     void (*watch_cancel)(cache_store_t *s, cache_watch_t *w);
-    /** Grant a lease of at least @p ttl_ms milliseconds (the store may
-     *  round up: etcd to whole seconds, 2 s at least by default). */
+    /** Grant a lease of at least @p ttl_ms milliseconds, > 0 (the store
+     *  may round up: etcd to whole seconds, 2 s at least by default); its
+     *  id goes to *id. */
     int (*lease_grant)(cache_store_t *s, int64_t ttl_ms, int64_t *id);
-    /** Revoke a lease: its keys are deleted. */
+    /** Revoke a lease: its keys are deleted (COALESCE_ENOENT if unknown). */
     int (*lease_revoke)(cache_store_t *s, int64_t id);
-    /** Free the store (every watch canceled first). */
+    /** Free the store (every watch canceled first); cache_store_free()
+     *  calls it. */
     void (*destroy)(cache_store_t *s);
 } cache_store_ops_t;
 
@@ -230,37 +246,44 @@ typedef struct cache_memstore_opts {
     int64_t auto_compact_revs;
 } cache_memstore_opts_t;
 
-/** @brief Fill the defaults. @since 0.2 */
+/** @brief Fill the defaults and set o->size; NULL is a no-op. @since 0.2 */
 COALESCE_API void cache_memstore_opts_init(cache_memstore_opts_t *o);
 
 /**
- * @brief Create an in-memory store.
- * @param[out] out New store, freed with cache_store_free().
- * @param[in] opts NULL for the defaults.
- * @return 0; COALESCE_EINVAL; COALESCE_ENOMEM.
+ * @brief Create an in-memory store; it starts its lease-expiry thread.
+ * @param[out] out New store, freed with cache_store_free(); untouched on
+ *             failure.
+ * @param[in] opts Copied; NULL for the defaults. opts->size must be
+ *            sizeof(cache_memstore_opts_t).
+ * @return 0; COALESCE_EINVAL (NULL @p out, bad opts->size, negative
+ *         auto_compact_revs); COALESCE_ENOMEM (also: no thread).
  * @since 0.2
  */
 COALESCE_API int cache_memstore_new(cache_store_t **out,
                                     const cache_memstore_opts_t *opts);
 
 /** @brief The store's current revision (1 on a new store, as in etcd: the
- *         first write makes 2). */
+ *         first write makes 2), or COALESCE_EINVAL (negative) if @p s is NULL
+ *         or not an in-memory store. @since 0.2 */
 COALESCE_API int64_t cache_memstore_revision(cache_store_t *s);
 
 /**
  * @brief Compact history up to @p rev: reads and watches from before it
- *        fail with COALESCE_ERANGE.
- * @return 0; COALESCE_ERANGE (already compacted there, or a future
- *         revision); COALESCE_EINVAL (not an in-memory store).
+ *        fail with COALESCE_ECOMPACTED.
+ * @return 0; COALESCE_ECOMPACTED (already compacted there, @p rev <= 0, or a
+ *         future revision); COALESCE_EINVAL (NULL or not an in-memory store).
+ * @since 0.2
  */
 COALESCE_API int cache_memstore_compact(cache_store_t *s, int64_t rev);
 
-/* Test hooks: reproduce what a real etcd and its network do to a watch. */
+/* Test hooks: reproduce what a real etcd and its network do to a watch.
+ * Each returns COALESCE_EINVAL if @p s is NULL or not an in-memory store.
+ * @since 0.2 for all of them. */
 
 /**
  * @brief Hold watch deliveries (1) or deliver them again (0). While held,
  *        responses queue up per watch; releasing delivers the queue one
- *        revision per response.
+ *        revision per response. @return 0; COALESCE_EINVAL.
  */
 COALESCE_API int cache_memstore_hold(cache_store_t *s, int hold);
 
@@ -273,21 +296,26 @@ enum {
                                 the watch goes on after them. */
 };
 
-/** @brief Deliver (or drop) what is held now; holding goes on. */
+/** @brief Deliver (or drop) what is held now; holding goes on.
+ *  @return 0; COALESCE_EINVAL (also an unknown @p how); COALESCE_ENOMEM
+ *          (CACHE_FLUSH_BATCH: nothing was flushed). */
 COALESCE_API int cache_memstore_flush(cache_store_t *s, int how);
 
 /**
  * @brief End every watch with a canceling response carrying @p error
  *        (COALESCE_EIO: a cut connection; COALESCE_EDECODE: garbage
  *        received), after what was already delivered; held responses are
- *        lost, as a cut connection loses them.
+ *        lost, as a cut connection loses them. The watches must still be
+ *        canceled. @return 0; COALESCE_EINVAL (also @p error >= 0).
  */
 COALESCE_API int cache_memstore_cut(cache_store_t *s, int error);
 
-/** @brief Send a progress notification to every watch (held if holding). */
+/** @brief Send a progress notification to every watch (held if holding).
+ *  @return 0; COALESCE_EINVAL; COALESCE_ENOMEM (none was sent). */
 COALESCE_API int cache_memstore_progress(cache_store_t *s);
 
-/** @brief Number of live watches (tests check nothing leaks). */
+/** @brief Number of watches not yet canceled (tests check nothing leaks),
+ *         or COALESCE_EINVAL. */
 COALESCE_API int cache_memstore_watches(cache_store_t *s);
 
 #ifdef __cplusplus

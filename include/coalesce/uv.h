@@ -57,8 +57,16 @@ typedef struct flight_uv_reader flight_uv_reader_t;
 /** Bytes a reader is served per loop turn before others get their turn. */
 #define FLIGHT_UV_BATCH (1024 * 1024)
 
+/*
+ * The reader callbacks run on the loop's thread, from the loop (never inside
+ * a flight_uv_* call), with no library lock held. They may call
+ * flight_uv_read_stop() and flight_uv_reader_close() on their reader, and
+ * any other library function.
+ */
+
 /**
- * @brief The meta is known; runs once, before any data callback.
+ * @brief The meta is known; runs once, before any data callback. It does not
+ *        run if the reader ends first (only the end callback runs then).
  * @param[in] meta Borrowed, valid until the reader is closed; NULL when the
  *            writer set none.
  */
@@ -81,13 +89,15 @@ typedef void (*flight_uv_data_cb)(flight_uv_reader_t *ur,
 
 /**
  * @brief The end: 0 after the last byte of a complete body, or a negative
- *        code (the flight's error, FLIGHT_ELAGGED, FLIGHT_ETIMEDOUT, ...).
- *        Runs exactly once per reader that is not closed first; no callback
- *        follows it. The reader must still be closed.
+ *        code (the flight's error, FLIGHT_ELAGGED, FLIGHT_ETIMEDOUT, ...:
+ *        the codes of flight_meta() and flight_read() but COALESCE_EAGAIN).
+ *        Runs exactly once per reader that is started and not closed first;
+ *        no callback follows it. The reader must still be closed.
  */
 typedef void (*flight_uv_end_cb)(flight_uv_reader_t *ur, int status);
 
-/** @brief A function flight_uv_post() runs on the loop's thread. */
+/** @brief A function flight_uv_post() runs on the loop's thread: from the
+ *         loop, or inside flight_uv_close() for those still queued then. */
 typedef void (*flight_uv_task_cb)(void *data);
 
 /**
@@ -108,15 +118,19 @@ COALESCE_API int flight_uv_new(flight_uv_t **out, uv_loop_t *loop);
  * before it returns (also when it is called from a posted function). Posts
  * from the loop's thread afterwards get COALESCE_ECLOSING; other threads
  * must have stopped posting before this call (join them first): the memory
- * is freed on the next loop turn. NULL is a no-op (returns 0).
+ * is freed on the next loop turn. NULL is a no-op (returns 0). May be called
+ * from a posted function or a reader callback. A second call before the
+ * loop has run returns COALESCE_ECLOSING; after that the adapter is freed
+ * and a second call is a usage error.
  * @return 0; COALESCE_EBUSY if readers are still open (nothing changed:
- *         close them and call again).
+ *         close them and call again); COALESCE_ECLOSING (already closing).
  * Thread safety: the loop's thread. @since 0.4
  */
 COALESCE_API int flight_uv_close(flight_uv_t *u);
 
 /**
  * @brief Run @p fn(@p data) on the loop's thread, soon, in posting order.
+ * @param[in] data Passed to @p fn; borrowed.
  * @return 0; COALESCE_EINVAL (NULL @p u or @p fn); COALESCE_ECLOSING
  *         (flight_uv_close() has begun); COALESCE_ENOMEM.
  * Thread safety: any thread, until flight_uv_close() (see there).
@@ -132,7 +146,8 @@ flight_uv_post(flight_uv_t *u, flight_uv_task_cb fn, void *data);
  * @param[out] out New loop reader on success; untouched on failure.
  * @param[in] r Adopted on success (flight_uv_reader_close() closes it); on
  *            failure it stays the caller's. It must be fresh or only read
- *            through the blocking or peek functions by this thread before.
+ *            through the blocking or peek functions by this thread before,
+ *            and adopted once; any notify arming of it is replaced.
  * @return 0; COALESCE_EINVAL (NULL argument); COALESCE_ECLOSING (adapter
  *         closing); COALESCE_ENOMEM.
  * Thread safety: the loop's thread. @since 0.4
@@ -147,8 +162,8 @@ COALESCE_API int flight_uv_reader_new(flight_uv_reader_t **out,
  * @param[in] meta_cb May be NULL (the meta is then skipped).
  * @param[in] data_cb Not NULL.
  * @param[in] end_cb Not NULL.
- * @return 0; COALESCE_EINVAL (NULL reader or callback, or the end was
- *         already delivered).
+ * @return 0; COALESCE_EINVAL (NULL reader, NULL @p data_cb or @p end_cb, or
+ *         the end was already delivered).
  * Thread safety: the loop's thread. @since 0.4
  */
 COALESCE_API int flight_uv_read_start(flight_uv_reader_t *ur,
@@ -175,16 +190,19 @@ COALESCE_API int flight_uv_read_stop(flight_uv_reader_t *ur);
  */
 COALESCE_API flight_reader_t *flight_uv_reader_flight(flight_uv_reader_t *ur);
 
-/** @brief Attach a user pointer. @since 0.4 */
+/** @brief Attach a user pointer (never read by the library); NULL @p ur is a
+ *         no-op. Thread safety: the loop's thread. @since 0.4 */
 COALESCE_API void flight_uv_reader_set_data(flight_uv_reader_t *ur, void *data);
-/** @brief The user pointer, or NULL. @since 0.4 */
+/** @brief The user pointer, or NULL (also for NULL). Thread safety: the
+ *         loop's thread. @since 0.4 */
 COALESCE_API void *flight_uv_reader_get_data(const flight_uv_reader_t *ur);
 
 /**
  * @brief Close the loop reader and the flight reader it adopted: no
  *        callback runs after this returns. May be called from the reader's
  *        own callbacks. Memory is freed now or once its timer handle has
- *        closed. NULL is a no-op.
+ *        closed. NULL is a no-op; closing twice is a usage error (the
+ *        memory may be freed).
  * Thread safety: the loop's thread. @since 0.4
  */
 COALESCE_API void flight_uv_reader_close(flight_uv_reader_t *ur);

@@ -8,9 +8,9 @@
 #define COALESCE_VERSION_H
 
 #define COALESCE_VERSION_MAJOR  0
-#define COALESCE_VERSION_MINOR  4
+#define COALESCE_VERSION_MINOR  5
 #define COALESCE_VERSION_PATCH  0
-#define COALESCE_VERSION_STRING "0.4.0"
+#define COALESCE_VERSION_STRING "0.5.0"
 
 /** (major << 16) | (minor << 8) | patch, for numeric comparisons. */
 #define COALESCE_VERSION_HEX                                                   \
