@@ -2105,10 +2105,12 @@ static int run_append(flight_writer_t *w,
 
 /*
  * The reply against the request and the object; sets the run's extent.
- * The object's identity (size, validator) binds while another fetch that
- * reported one is in flight: a reply that differs then fails. With none in
- * flight the object may well have changed since, so the reply defines a new
- * identity; readers that straddle the two fail on their own (rr_poll).
+ * A reply must first agree with itself and the request: one that does not
+ * changes nothing (the object's identity included). The identity (size,
+ * validator) binds while another fetch that reported one is in flight: a
+ * reply that differs then fails. With none in flight the object may well
+ * have changed since, so the reply defines a new identity; readers that
+ * straddle the two fail on their own (rr_poll).
  */
 static int run_check_reply(run_t *R,
                            uint64_t first,
@@ -2126,6 +2128,12 @@ static int run_check_reply(run_t *R,
         if (t == FLIGHT_SIZE_UNKNOWN &&
             (R->ask_last == FLIGHT_RANGE_END || last < R->ask_last))
             t = last + 1; /* Upstream stopped early: that is the end. */
+        if (t != FLIGHT_SIZE_UNKNOWN &&
+            (last >= t || last != (R->ask_last < t - 1 ? R->ask_last : t - 1)))
+            return FLIGHT_EMISMATCH; /* Short, or past its own end. */
+    } else if (t == FLIGHT_SIZE_UNKNOWN || R->ask_first < t) {
+        return FLIGHT_EMISMATCH; /* A 416 must put the end at or before
+                                  * the start asked for. */
     }
     bool differs = (o->vset && (vlen != o->vlen ||
                                 (vlen && memcmp(v, o->validator, vlen)))) ||
@@ -2152,20 +2160,11 @@ static int run_check_reply(run_t *R,
         o->seen = 0;
     }
     R->gen = o->gen;
-    if (first == FLIGHT_RANGE_END) { /* 416: nothing at or after ask_first. */
-        if (t == FLIGHT_SIZE_UNKNOWN || R->ask_first < t)
-            return FLIGHT_EMISMATCH;
+    if (t != FLIGHT_SIZE_UNKNOWN)
         o->total = t;
+    if (first == FLIGHT_RANGE_END) { /* 416: nothing at or after ask_first. */
         R->total = t; /* Its readers report it (flight_reader_range). */
         return FLIGHT_ERANGE;
-    }
-    if (t != FLIGHT_SIZE_UNKNOWN) {
-        if (last >= t)
-            return FLIGHT_EMISMATCH; /* Bytes past the end. */
-        uint64_t want = R->ask_last < t - 1 ? R->ask_last : t - 1;
-        if (last != want)
-            return FLIGHT_EMISMATCH; /* Short, or past the end. */
-        o->total = t;
     }
     R->rlast = last;
     R->expect = last - first + 1;
@@ -2458,6 +2457,12 @@ static int rr_poll(rreader_t *rr, post_t *p)
             (rr->gen && R->ended && R->status == FLIGHT_ERANGE))
             return rr_finish(rr, FLIGHT_EMISMATCH, p);
         if (!cr) {
+            /* Past the last byte its fetch replied, all of it written: a
+             * mismatch whatever the fetch ends with later, as a chunk
+             * cursor would say (flight.h, "Range"). */
+            if (R->replied && rr->pos > R->rlast &&
+                R->ask_first + R->written > R->rlast)
+                return rr_finish(rr, FLIGHT_EMISMATCH, p);
             if (R->ended && R->status < 0)
                 return rr_finish(rr, R->status, p);
             if (run_done(R)) /* The run ended before our chunk. */
@@ -2553,25 +2558,37 @@ static int rr_meta_poll(rreader_t *rr, post_t *p)
     return COALESCE_EAGAIN;
 }
 
-/* Could a read make progress? For notifications; no side effects, and a
- * spurious yes only costs the host a read. */
-static bool rr_ready(const rreader_t *rr)
+/*
+ * Could a read make progress? For notifications: rr_poll()'s tests, without
+ * its side effects; a spurious yes only costs the host a read, a missed one
+ * leaves it waiting. Under the shard lock, so syncing the identity now is
+ * what the next poll would do anyway.
+ */
+static bool rr_ready(rreader_t *rr)
 {
     if (rr->pub.status)
         return true;
     const robj_t *o = rr->obj;
     if (!rr->pub.meta_seen && run_meta_stage(rr->pv[0].run))
         return true;
+    rr_sync(rr);
     uint64_t t = rr_total(rr);
-    if (t != FLIGHT_SIZE_UNKNOWN && (rr->first >= t || rr->pos >= rr_end(rr)))
+    if ((t != FLIGHT_SIZE_UNKNOWN && rr->first >= t) || rr->pos >= rr_end(rr))
         return true;
-    uint64_t k = rr->pos / o->g->chunk;
+    uint64_t cs = o->g->chunk, k = rr->pos / cs;
     const piece_t *pc = &rr->pv[rr->cur];
     if (pc->to != CHUNK_OPEN && k > pc->to)
         return true;
+    const run_t *R = pc->run;
+    /* The object changed under it (as in rr_poll). */
+    if ((R->replied && R->gen != rr->gen) ||
+        (rr->gen && R->ended && R->status == FLIGHT_ERANGE))
+        return true;
     const flight_reader_t *cr = pc->qh;
+    while (cr && cr->f->base / cs < k) /* Chunks read to the end. */
+        cr = cr->qnext;
     if (!cr)
-        return run_done(pc->run);
+        return run_done(R);
     const flight_t *f = cr->f;
     return f->base + f->written > rr->pos || f->ended;
 }

@@ -2423,6 +2423,7 @@ END_TEST
  * range the next run covers, then reports a size that clips that run. */
 typedef struct nest {
     flight_group_t *g;
+    const char *key;
     flight_reader_t *z;
     flight_writer_t *w[2];
     int n;
@@ -2435,8 +2436,9 @@ nest_cb(flight_writer_t *w, uint64_t first, uint64_t last, void *data)
     ck_assert_int_lt(t->n, 2);
     t->w[t->n++] = w;
     if (t->n == 1) {
-        ck_assert_int_eq(
-            flight_do_range(t->g, "nest", 4, 30, 39, nest_cb, t, &t->z), 0);
+        ck_assert_int_eq(flight_do_range(t->g, t->key, strlen(t->key), 30, 39,
+                                         nest_cb, t, &t->z),
+                         0);
         ck_assert_int_eq(flight_set_range(w, first, last, 25, "v1", 2), 0);
     }
     return FLIGHT_FETCH_ASYNC;
@@ -2540,7 +2542,7 @@ START_TEST(test_rg_fuzz_regressions)
      * starts, then the size (25) clips it to 20-24: Z waits for nothing
      * from it. */
     y = rdo(g, "nest", 10, 19, &f);
-    nest_t t = {.g = g};
+    nest_t t = {.g = g, .key = "nest"};
     ck_assert_int_eq(flight_do_range(g, "nest", 4, 0, END, nest_cb, &t, &x), 0);
     ck_assert_int_eq(t.n, 2);
     ck_assert_uint_eq(flight_writer_readers(t.w[1]), 1);
@@ -2549,6 +2551,63 @@ START_TEST(test_rg_fuzz_regressions)
     flight_writer_release(t.w[1]);
     flight_writer_release(rf_w(&f, 11));
     close_readers(x, y, t.z, NULL);
+
+    /* The same, then the first fetch ends and the second replies 20-24 of
+     * another version (size 100): Z, at 30, gets EMISMATCH once those
+     * bytes are written, also if the writer is then released unended (it
+     * got EUPSTREAM if it had not looked in between). */
+    y = rdo(g, "nest2", 10, 19, &f);
+    t = (nest_t){.g = g, .key = "nest2"};
+    ck_assert_int_eq(flight_do_range(g, "nest2", 5, 0, END, nest_cb, &t, &x),
+                     0);
+    ck_assert_int_eq(t.n, 2);
+    ck_assert_int_eq(write_pattern(t.w[0], f.seed, 0, 10, f.piece), 0);
+    ck_assert_int_eq(flight_end(t.w[0], 0), 0);
+    flight_writer_release(t.w[0]);
+    ck_assert_int_eq(flight_set_range(t.w[1], 20, 24, 100, v2, 2), 0);
+    ck_assert_int_eq(write_pattern(t.w[1], f.seed, 20, 5, f.piece), 0);
+    flight_writer_release(t.w[1]);
+    ASSERT_ENDS(t.z, f.seed, 30, 0, FLIGHT_EMISMATCH);
+    flight_writer_release(rf_w(&f, 12));
+    close_readers(x, y, t.z, NULL);
+
+    /* X [0, 19] read 0-9 from a fetch now over, and waits armed on its
+     * own 10-19; that reply is another version: X is told at once (it
+     * was not notified before the fix, only when the fetch ended). */
+    y = rdo(g, "armed", 0, 9, &f);
+    x = rdo(g, "armed", 0, 19, &f);
+    ASSERT_CALL(&f, 14, 10, 19);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 13), 0, 9, 100, v1, 2), 0);
+    rf_complete(&f, 13, 0);
+    ASSERT_BODY(drain(x, PAT(f.seed), 0), COALESCE_EAGAIN, 10);
+    notify_ctx_t n;
+    notify_init(&n);
+    ck_assert_int_eq(flight_reader_notify(x, notify_cb, &n), 0);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 14), 10, 19, 50, v2, 2), 0);
+    ck_assert_int_eq(atomic_load(&n.fired), 1);
+    ck_assert_ptr_eq(atomic_load(&n.reader), x);
+    ASSERT_ENDS(x, f.seed, 10, 0, FLIGHT_EMISMATCH);
+    flight_writer_release(rf_w(&f, 14));
+    close_readers(x, y, NULL);
+
+    /* A 416 whose size is past its own start contradicts itself: it fails
+     * its fetch and the object keeps the size learnt before (30), which a
+     * later reply without a size then reports. */
+    r = rdo(g, "keep", 0, 9, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 15), 0, 9, 30, v1, 2), 0);
+    rf_complete(&f, 15, 0);
+    x = rdo(g, "keep", 40, 49, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 16), END, END, 45, v1, 2),
+                     FLIGHT_EMISMATCH);
+    flight_writer_release(rf_w(&f, 16));
+    ASSERT_ENDS(x, f.seed, 40, 0, FLIGHT_EMISMATCH);
+    y = rdo(g, "keep", 10, 19, &f);
+    ck_assert_int_eq(flight_set_range(rf_w(&f, 17), 10, 19, UNK, v1, 2), 0);
+    rf_complete(&f, 17, 10);
+    ASSERT_RANGE(y, 10, 19, 30);
+    ASSERT_READS(y, f.seed, 10, 19);
+    ASSERT_READS(r, f.seed, 0, 9);
+    close_readers(r, x, y, NULL);
     rfetch_destroy_all(&f, &e, NULL);
     FINISH(g);
 }

@@ -414,7 +414,10 @@ flight_set_meta(flight_writer_t *w, const void *meta, size_t len);
  * 0 and last size - 1, which mismatches unless that is what was asked; a 416 as
  * first and last FLIGHT_RANGE_END with the size from "bytes (star)/size". If @p
  * total is unknown and @p last is before the last byte asked for, or the
- * request was open-ended, the object is taken to end at @p last.
+ * request was open-ended, the object is taken to end at @p last. A reply
+ * that contradicts the request or itself (bytes past its own size, a 416
+ * whose size is past the first byte asked for) fails this fetch and changes
+ * nothing the library knows of the object.
  * @param[in] total Object size, or FLIGHT_SIZE_UNKNOWN.
  * @param[in] validator Copied; an opaque strong validator (ETag,
  *            Last-Modified...); NULL when @p vlen is 0. Compared bytewise.

@@ -88,6 +88,7 @@ typedef struct mrr {
     flight_reader_t *r;
     uint64_t first, last, pos, gen, total;
     uint64_t plan_total; /* The size vouched for when it was planned. */
+    bool misled; /* An untruthful reply became the identity while open. */
     int np, cur;
     mpiece_t pv[MAXP];
     int status;
@@ -1084,7 +1085,8 @@ static FUZZ_NOCOV int m_run_state(const mrun_t *R)
     return 0;
 }
 
-/* flight_set_range's validation against the request and the identity. */
+/* flight_set_range's validation: the reply with itself and the request
+ * (changing nothing if it fails), then against the identity. */
 static FUZZ_NOCOV int
 m_check_reply(mrun_t *R, uint64_t first, uint64_t last, uint64_t total, int vid)
 {
@@ -1094,6 +1096,12 @@ m_check_reply(mrun_t *R, uint64_t first, uint64_t last, uint64_t total, int vid)
             return FLIGHT_EMISMATCH;
         if (t == UNK && (R->ask_last == END || last < R->ask_last))
             t = last + 1;
+        if (t != UNK && last >= t)
+            return FLIGHT_EMISMATCH;
+        if (t != UNK && last != (R->ask_last < t - 1 ? R->ask_last : t - 1))
+            return FLIGHT_EMISMATCH;
+    } else if (t == UNK || R->ask_first < t) {
+        return FLIGHT_EMISMATCH;
     }
     bool differs = (S.o_vset && vid != S.o_vid) ||
                    (t != UNK && S.o_total != UNK && t != S.o_total) ||
@@ -1112,20 +1120,11 @@ m_check_reply(mrun_t *R, uint64_t first, uint64_t last, uint64_t total, int vid)
         S.o_seen = 0;
     }
     R->gen = S.o_gen;
-    if (first == END) {
-        if (t == UNK || R->ask_first < t)
-            return FLIGHT_EMISMATCH;
+    if (t != UNK)
         S.o_total = t;
+    if (first == END) {
         R->total = t;
         return FLIGHT_ERANGE;
-    }
-    if (t != UNK) {
-        if (last >= t)
-            return FLIGHT_EMISMATCH;
-        uint64_t want = R->ask_last < t - 1 ? R->ask_last : t - 1;
-        if (last != want)
-            return FLIGHT_EMISMATCH;
-        S.o_total = t;
     }
     R->rlast = last;
     R->expect = last - first + 1;
@@ -1236,7 +1235,15 @@ static void op_w_reply(void)
     else if ((want = m_run_state(R)) == 0 && (R->replied || R->written))
         want = COALESCE_EINVAL;
     if (!want) {
+        uint64_t gen0 = S.o_gen;
         want = m_check_reply(R, first, last, total, vid);
+        /* A lie taken as the object's identity (a new generation, or a
+         * wrong size): it outlives its fetch, so readers open now may fail
+         * for it (say, a size it made the library forget). */
+        if (!truthful && (want == 0 || want == FLIGHT_ERANGE) &&
+            (S.o_gen != gen0 || (S.o_total != UNK && S.o_total != sz)))
+            for (int x = 0; x < NREADERS; x++)
+                S.rd[x].misled |= S.rd[x].open;
         if (want == FLIGHT_EMISMATCH)
             S.st.range_mismatches++;
         if (want) {
@@ -1550,8 +1557,9 @@ static FUZZ_NOCOV void check_clean(int x, int status)
      * or short without one: flight_set_range() then ends the object there)
      * and a fetch in flight still vouched for: its pieces (or the ranges
      * its fetches asked for) stop there, so exactly its bytes are not
-     * owed. Truthful replies never say so. */
-    if (X->plan_total != UNK && X->plan_total != sz)
+     * owed. Truthful replies never say so. Nor is it owed after a lie
+     * became the identity while it was open (X->misled). */
+    if (X->misled || (X->plan_total != UNK && X->plan_total != sz))
         return;
     for (int i = 0; i < X->np; i++) { /* Or a fetch of it, asked so. */
         const mrun_t *R = &S.run[X->pv[i].run];
